@@ -1,0 +1,106 @@
+"""Attention and the two KV caches it runs against.
+
+One attention function serves both phases; the phases differ only in where keys and
+values live:
+
+* ``PromptKV`` (prefill): the context is the prompt itself. Each layer's k and v are
+  also stored into ``[L, B, T, K, H]`` buffers, which become the request's prefix KV.
+* ``PagedKV`` (decode, and any step with past context): k and v live in a page pool
+  ``[L, P, Z, K, H]``; ``page_table [B, P_max]`` maps a request's positions to pages.
+  Page 0 is the null page: padding rows and unused table slots point at it, so their
+  writes land somewhere harmless and their reads are masked out.
+
+``forward_layers`` scans the stacked layers, threading the cache through the carry so
+XLA updates it in place.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jdisagg import model
+from jdisagg.config import ModelConfig
+
+NULL_PAGE = 0
+_MASKED = -1e30  # finite, so fully masked (padding) rows give garbage, never NaN
+
+
+def causal_mask(q_pos_bt: jax.Array, k_pos_bs: jax.Array) -> jax.Array:
+    """[B, T, S]: key s is visible to query t iff 0 <= pos(s) <= pos(t)."""
+    return (k_pos_bs[:, None, :] >= 0) & (k_pos_bs[:, None, :] <= q_pos_bt[:, :, None])
+
+
+def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array) -> jax.Array:
+    """Grouped-query attention; q is pre-scaled. Softmax in float32."""
+    b, t, n, h = q_btnh.shape
+    k = k_bskh.shape[2]
+    q_btkgh = q_btnh.reshape(b, t, k, n // k, h)  # query heads grouped by their kv head
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask_bts[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
+    out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
+    return out_btkgh.reshape(b, t, n, h)
+
+
+@struct.dataclass
+class PromptKV:
+    """Prefill cache: the prompt's own k and v, kept per layer as the prefix KV."""
+
+    k: jax.Array  # [L, B, T, K, H]
+    v: jax.Array  # [L, B, T, K, H]
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, length: int) -> PromptKV:
+        shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+
+    def update(self, layer, k_btkh, v_btkh, pos_bt):
+        kv = PromptKV(self.k.at[layer].set(k_btkh), self.v.at[layer].set(v_btkh))
+        return kv, k_btkh, v_btkh, pos_bt
+
+
+@struct.dataclass
+class PagedKV:
+    """Paged cache: pools of fixed-size pages and each request's page table."""
+
+    k_pages: jax.Array  # [L, P, Z, K, H]
+    v_pages: jax.Array  # [L, P, Z, K, H]
+    page_table: jax.Array  # [B, P_max] int32; NULL_PAGE where unused
+
+    def update(self, layer, k_btkh, v_btkh, pos_bt):
+        z = self.k_pages.shape[2]
+        valid = pos_bt >= 0
+        page_bt = jnp.where(valid, jnp.take_along_axis(self.page_table, jnp.maximum(pos_bt, 0) // z, 1), NULL_PAGE)
+        slot_bt = jnp.where(valid, pos_bt % z, 0)
+        kv = self.replace(
+            k_pages=self.k_pages.at[layer, page_bt, slot_bt].set(k_btkh),
+            v_pages=self.v_pages.at[layer, page_bt, slot_bt].set(v_btkh),
+        )
+        b, p_max = self.page_table.shape
+        k_bpzkh = kv.k_pages[layer][self.page_table]  # gather this layer's pages per request
+        v_bpzkh = kv.v_pages[layer][self.page_table]
+        s = p_max * z
+        k_ctx = k_bpzkh.reshape(b, s, *k_bpzkh.shape[-2:])
+        v_ctx = v_bpzkh.reshape(b, s, *v_bpzkh.shape[-2:])
+        k_pos_bs = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        return kv, k_ctx, v_ctx, k_pos_bs
+
+
+def forward_layers(cfg: ModelConfig, layers: dict, x_btd: jax.Array, pos_bt: jax.Array, kv):
+    """Runs every layer in ``layers`` (stacked on axis 0) against cache ``kv``.
+
+    ``kv`` holds exactly the layers in ``layers`` (a pipeline stage passes its own slice).
+    Returns the hidden states and the updated cache.
+    """
+
+    def body(carry, layer):
+        x_btd, kv, index = carry
+        q, k, v = model.block_qkv(cfg, layer, x_btd, pos_bt)
+        kv, k_ctx, v_ctx, k_pos = kv.update(index, k, v, pos_bt)
+        attn_btnh = attend(q, k_ctx, v_ctx, causal_mask(pos_bt, k_pos))
+        return (model.block_finish(cfg, layer, x_btd, attn_btnh), kv, index + 1), None
+
+    (x_btd, kv, _), _ = jax.lax.scan(body, (x_btd, kv, jnp.int32(0)), layers)
+    return x_btd, kv
