@@ -90,17 +90,17 @@ SHAPES: dict[str, ModelConfig] = {
     # Tiny shapes: every head count divides by 4 so tp=4 and pp=2 x tp=2 shard them.
     "tiny-llama": ModelConfig(
         arch="llama", vocab_size=256, dim=64, n_layers=4, n_heads=8, n_kv_heads=4,
-        ffn_dim=128, max_seq_len=256, rope_theta=10000.0, tie_embeddings=False,
+        ffn_dim=128, max_seq_len=1024, rope_theta=10000.0, tie_embeddings=False,
         bos_id=1, eos_ids=(2,),
     ),
     "tiny-qwen2": ModelConfig(
         arch="llama", vocab_size=256, dim=64, n_layers=4, n_heads=8, n_kv_heads=4,
-        ffn_dim=128, max_seq_len=256, rope_theta=1000000.0, qkv_bias=True,
+        ffn_dim=128, max_seq_len=1024, rope_theta=1000000.0, qkv_bias=True,
         tie_embeddings=True, bos_id=1, eos_ids=(2,),
     ),
     "tiny-opt": ModelConfig(
         arch="opt", vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=4,
-        ffn_dim=128, max_seq_len=256, tie_embeddings=True, bos_id=1, eos_ids=(2,),
+        ffn_dim=128, max_seq_len=1024, tie_embeddings=True, bos_id=1, eos_ids=(2,),
     ),
     "smollm2-135m": ModelConfig(
         arch="llama", vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,

@@ -1,0 +1,164 @@
+"""The decode program: one token for every request in a batch, over a paged KV cache.
+
+The stacked layer axis is sharded over ``pp`` (each stage's devices hold only their
+layers and their layers' pages) and heads over ``tp``. The batch is split into
+``micro_batches``; the stages run as a pipeline over them: at tick ``t`` stage ``s``
+works on micro-batch ``t - s``, so all stages are busy once the pipeline is full.
+
+The pipeline is written without collectives: the stage axis is an ordinary array axis
+that ``vmap`` maps the stage function over, and sharding that axis over ``pp`` makes
+each stage run on its own devices (XLA turns the hand-over between stages, a roll of the
+stage axis, into a collective permute). With ``pp == 1`` it is a plain forward pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jdisagg import model, sharding
+from jdisagg.attention import NULL_PAGE, PagedKV, forward_layers
+from jdisagg.config import ModelConfig
+from jdisagg.pages import pages_for
+from jdisagg.prefill import batch_buckets, bucket_for
+from jdisagg.sampling import SamplingArrays, SamplingParams, sample
+
+
+def _split_stages(tree, stages: int):
+    """[L, ...] leaves -> [stages, L / stages, ...]."""
+    return jax.tree_util.tree_map(lambda a: a.reshape(stages, a.shape[0] // stages, *a.shape[1:]), tree)
+
+
+def _merge_stages(tree):
+    return jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:]), tree)
+
+
+def pipeline(cfg: ModelConfig, layers: dict, kv: PagedKV, x_btd, pos_bt, *, stages: int, micro: int, stage_sharding):
+    """Runs all layers over the batch as a ``stages``-deep pipeline of ``micro`` micro-batches."""
+    b = x_btd.shape[0]
+    mb = b // micro
+    layers_s = _split_stages(layers, stages)
+    pages_s = _split_stages((kv.k_pages, kv.v_pages), stages)
+    x_m, pos_m = x_btd.reshape(micro, mb, *x_btd.shape[1:]), pos_bt.reshape(micro, mb, -1)
+    table_m = kv.page_table.reshape(micro, mb, -1)
+    stage_ids = jnp.arange(stages)
+    constrain = functools.partial(jax.lax.with_sharding_constraint, shardings=stage_sharding)
+
+    def stage(layers, k_pages, v_pages, table, x, pos):
+        x, kv = forward_layers(cfg, layers, x, pos, PagedKV(k_pages, v_pages, table))
+        return x, kv.k_pages, kv.v_pages
+
+    def tick(carry, t):
+        state_s, out_m, (k_s, v_s) = carry
+        m_s = t - stage_ids  # the micro-batch each stage works on at this tick
+        active_s = (m_s >= 0) & (m_s < micro)
+        m_s = jnp.clip(m_s, 0, micro - 1)
+        # Stage 0 takes the next micro-batch; stage s takes what stage s - 1 produced.
+        in_s = jnp.roll(state_s, 1, axis=0).at[0].set(x_m[jnp.minimum(t, micro - 1)])
+        pos_s = jnp.where(active_s[:, None, None], pos_m[m_s], -1)  # idle stages write the null page
+        state_s, k_s, v_s = jax.vmap(stage)(layers_s, k_s, v_s, table_m[m_s], constrain(in_s), pos_s)
+        state_s = constrain(state_s)
+        done = t - (stages - 1)  # the micro-batch leaving the last stage
+        out_m = jnp.where(done >= 0, out_m.at[jnp.maximum(done, 0)].set(state_s[-1]), out_m)
+        return (state_s, out_m, (k_s, v_s)), None
+
+    state_s = jnp.zeros((stages, *x_m.shape[1:]), x_btd.dtype)
+    carry = (state_s, jnp.zeros_like(x_m), pages_s)
+    (_, out_m, (k_s, v_s)), _ = jax.lax.scan(tick, carry, jnp.arange(micro + stages - 1))
+    return out_m.reshape(x_btd.shape), kv.replace(k_pages=_merge_stages(k_s), v_pages=_merge_stages(v_s))
+
+
+def decode_step(cfg: ModelConfig, params, k_pages, v_pages, tokens_b, pos_b, page_table_bp, s: SamplingArrays,
+                *, stages: int, micro: int, stage_sharding):
+    """Feeds each request's last token (at ``pos_b``; -1 for an empty row) and samples the next.
+
+    Returns the sampled tokens [B] and the updated page pools.
+    """
+    kv = PagedKV(k_pages, v_pages, page_table_bp)
+    x_btd = model.embed(cfg, params, tokens_b[:, None], pos_b[:, None])
+    if stages == 1 and micro == 1:
+        x_btd, kv = forward_layers(cfg, params["layers"], x_btd, pos_b[:, None], kv)
+    else:
+        x_btd, kv = pipeline(cfg, params["layers"], kv, x_btd, pos_b[:, None], stages=stages, micro=micro,
+                             stage_sharding=stage_sharding)
+    next_b = sample(model.logits(cfg, params, x_btd[:, 0]), s, pos_b + 1)
+    return next_b, kv.k_pages, kv.v_pages
+
+
+def insert_prefix(k_pages, v_pages, k_ltkh, v_ltkh, page_ids):
+    """Writes a prefix [L, T, K, H] into pages ``page_ids`` [T / Z] (NULL_PAGE past its end)."""
+    l, t, kh, h = k_ltkh.shape
+    z = k_pages.shape[2]
+    k_pages = k_pages.at[:, page_ids].set(k_ltkh.reshape(l, t // z, z, kh, h))
+    v_pages = v_pages.at[:, page_ids].set(v_ltkh.reshape(l, t // z, z, kh, h))
+    return k_pages, v_pages
+
+
+class DecodeRunner:
+    """Owns one decode instance's params, page pools and compiled programs."""
+
+    def __init__(self, cfg: ModelConfig, params: dict, mesh: Mesh, rules, *, max_batch: int, n_pages: int,
+                 page_size: int, max_seq_len: int, micro_batches: int):
+        self.cfg, self.params, self.mesh = cfg, params, mesh
+        self.page_size, self.n_pages = page_size, n_pages
+        self.max_pages_per_seq = pages_for(max_seq_len, page_size)
+        stages = mesh.shape["pp"] if rules.get(sharding.LAYERS) == "pp" else 1
+        self.stages, self.micro = stages, micro_batches
+        self.batch_buckets = tuple(sorted({-(-b // micro_batches) * micro_batches for b in batch_buckets(max_batch)}))
+        self.pages_sharding = sharding.named_sharding(mesh, sharding.PAGES_AXES, rules)
+        # Where a prefix must land to be inserted: the destination sharding for KV transfer.
+        self.prefix_sharding = sharding.named_sharding(mesh, sharding.PREFIX_AXES, rules)
+        stage_sharding = NamedSharding(mesh, PartitionSpec(rules.get(sharding.LAYERS)))
+        shape = (cfg.n_layers, n_pages, page_size, cfg.n_kv_heads, cfg.head_dim)
+        zeros = jax.jit(lambda: jnp.zeros(shape, cfg.dtype), out_shardings=self.pages_sharding)
+        self.k_pages, self.v_pages = zeros(), zeros()
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self._step = jax.jit(
+            functools.partial(decode_step, cfg, stages=stages, micro=micro_batches, stage_sharding=stage_sharding),
+            donate_argnums=(1, 2),
+            out_shardings=(replicated, self.pages_sharding, self.pages_sharding),
+        )
+        self._insert = jax.jit(insert_prefix, donate_argnums=(0, 1), out_shardings=(self.pages_sharding,) * 2)
+
+    def insert(self, k_ltkh: jax.Array, v_ltkh: jax.Array, pages: list[int]) -> None:
+        """Writes a transferred prefix into ``pages`` (its first ``len(pages)`` pages' worth)."""
+        ids = np.full((k_ltkh.shape[1] // self.page_size,), NULL_PAGE, np.int32)
+        ids[: len(pages)] = pages[: len(ids)]
+        self.k_pages, self.v_pages = self._insert(self.k_pages, self.v_pages, k_ltkh, v_ltkh, ids)
+
+    def step(self, tokens: list[int], positions: list[int], page_tables: list[list[int]],
+             params: list[SamplingParams]) -> np.ndarray:
+        """One decode step for ``len(tokens)`` requests; returns their next tokens."""
+        n = len(tokens)
+        b = bucket_for(n, self.batch_buckets)
+        tokens_b = np.zeros((b,), np.int32)
+        pos_b = np.full((b,), -1, np.int32)
+        table_bp = np.full((b, self.max_pages_per_seq), NULL_PAGE, np.int32)
+        tokens_b[:n], pos_b[:n] = tokens, positions
+        for i, pages in enumerate(page_tables):
+            table_bp[i, : len(pages)] = pages
+        next_b, self.k_pages, self.v_pages = self._step(
+            self.params, self.k_pages, self.v_pages, tokens_b, pos_b, table_bp, SamplingArrays.of(params, b)
+        )
+        return np.asarray(next_b)[:n]
+
+    def warm_up(self, prefix_lengths: tuple[int, ...], progress=None) -> float:
+        """Compiles the step for every batch bucket and the insert for every prefix length."""
+        start = time.perf_counter()
+        for b in self.batch_buckets:
+            self.step([0] * b, [-1] * b, [[]] * b, [SamplingParams()] * b)
+            if progress:
+                progress(f"decode B={b}")
+        for t in prefix_lengths:
+            shape = (self.cfg.n_layers, t, self.cfg.n_kv_heads, self.cfg.head_dim)
+            zeros = jax.jit(lambda: jnp.zeros(shape, self.cfg.dtype), out_shardings=self.prefix_sharding)()
+            self.insert(zeros, zeros, [])
+        seconds = time.perf_counter() - start
+        logging.info("decode: compiled %d batch shapes in %.1fs", len(self.batch_buckets), seconds)
+        return seconds

@@ -1,0 +1,195 @@
+"""The offline engine: a model served by the prefill and decode instances of a mesh preset.
+
+``Engine(model, mesh).generate(prompts, params)`` runs requests to completion. Each step
+of its loop is schedule -> execute -> update:
+
+1. prefill: the least-loaded prefill instance takes the next FCFS batch that fits its
+   token budget; each request's prefix KV stays on the prefill mesh.
+2. pull: decode instances pull prefixes (FCFS) while they have a batch slot and pages;
+   ``kv_transfer`` moves the KV device to device into the decode layout.
+3. decode: every decode instance with running requests reserves pages for the next
+   token (preempting the youngest when pages run out) and runs one step.
+4. update: tokens are appended; requests that hit a stop condition release their pages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+from absl import logging
+from tqdm.auto import tqdm
+
+from jdisagg import cards, kv_transfer, model, sharding
+from jdisagg.decode import DecodeRunner
+from jdisagg.pages import pages_for
+from jdisagg.prefill import PrefillRunner, bucket_for, length_buckets
+from jdisagg.preset import MeshPreset, load_preset
+from jdisagg.sampling import SamplingParams
+from jdisagg.scheduler import DecodeSlots, PrefillQueue, Request, State, stop_reason
+
+
+@dataclasses.dataclass
+class Completion:
+    """One finished request."""
+
+    prompt_tokens: list[int]
+    tokens: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS, stop token or stop string) or "length"
+    preemptions: int = 0
+
+
+@dataclasses.dataclass
+class DecodeInstance:
+    runner: DecodeRunner
+    slots: DecodeSlots
+
+
+class Engine:
+    """Prefill and decode instances of one model on the meshes of one preset."""
+
+    def __init__(self, model_name: str = cards.DEFAULT_MODEL, mesh: str | MeshPreset = "cpu", *,
+                 dtype: str | None = None, warm_up: bool = True, progress: bool = True):
+        self.preset = mesh if isinstance(mesh, MeshPreset) else load_preset(mesh)
+        self.model = cards.open_model(cards.load_card(model_name), dtype)
+        self.cfg, self.tokenizer = self.model.cfg, self.model.tokenizer
+        devices = jax.devices()
+        self.preset.validate(self.cfg, len(devices))
+        preset, cfg = self.preset, self.cfg
+        self.max_seq_len = preset.max_seq_len
+        self.eos_ids = tuple(self.tokenizer.eos_ids) if self.tokenizer else cfg.eos_ids
+        self.length_buckets = length_buckets(preset.max_seq_len, preset.page_size)
+        abstract = model.abstract_params(cfg)
+        self.prefill: list[PrefillRunner] = []
+        self.decode: list[DecodeInstance] = []
+        for spec in preset.instances:
+            mesh_ = sharding.make_mesh([devices[i] for i in spec.devices], spec.pp, spec.tp)
+            params = self.model.place(sharding.param_shardings(abstract, mesh_, spec.rules))
+            if spec.runs_prefill:
+                self.prefill.append(PrefillRunner(cfg, params, mesh_, spec.rules, length_buckets=self.length_buckets,
+                                                  max_batch=spec.max_batch, token_budget=spec.token_budget))
+            if spec.runs_decode:
+                runner = DecodeRunner(cfg, params, mesh_, spec.rules, max_batch=spec.max_batch, n_pages=spec.pages,
+                                      page_size=preset.page_size, max_seq_len=preset.max_seq_len,
+                                      micro_batches=spec.micro_batches)
+                slots = DecodeSlots(spec.pages, preset.page_size, spec.max_batch, preset.max_seq_len)
+                self.decode.append(DecodeInstance(runner, slots))
+        self.queue = PrefillQueue()
+        self.prefilled: list[Request] = []
+        if warm_up:
+            self.warm_up(progress)
+
+    def warm_up(self, progress: bool = True) -> float:
+        """Compiles every program shape now, so no request waits on the compiler."""
+        total = sum(len(r.shapes()) for r in self.prefill) + sum(len(d.runner.batch_buckets) for d in self.decode)
+        with tqdm(total=total, desc="compiling", disable=not progress, leave=False) as bar:
+            def tick(what):
+                bar.set_postfix_str(what)
+                bar.update()
+
+            seconds = sum(r.warm_up(tick) for r in self.prefill)
+            seconds += sum(d.runner.warm_up(self.length_buckets, tick) for d in self.decode)
+        logging.info("compiled all programs in %.1fs", seconds)
+        return seconds
+
+    # ---- requests ------------------------------------------------------------------
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"model {self.model.card.name} has no tokenizer: pass token ids, not text")
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def make_request(self, prompt: str | Sequence[int], params: SamplingParams) -> Request:
+        tokens = self.encode(prompt)
+        if not tokens:
+            raise ValueError("the prompt is empty")
+        if len(tokens) >= self.max_seq_len:
+            raise ValueError(f"the prompt has {len(tokens)} tokens; this mesh preset allows at most "
+                             f"{self.max_seq_len - 1} (max_seq_len={self.max_seq_len} counts prompt and output)")
+        bad = [t for t in tokens if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        return Request(tokens, params)
+
+    def generate(self, prompts: str | Sequence[str | Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+        """Runs ``prompts`` (text or token ids) to completion; one Completion per prompt, in order."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        requests = [self.make_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        for r in requests:
+            self.queue.add(r)
+        while any(r.state is not State.FINISHED for r in requests):
+            self.step()
+        return [self.completion(r) for r in requests]
+
+    def completion(self, r: Request) -> Completion:
+        text = self.tokenizer.decode(r.output) if self.tokenizer else ""
+        for s in r.params.stop:
+            if s in text:
+                text = text[: text.index(s)]
+        return Completion(r.prompt, list(r.output), text, r.finish_reason or "", r.preemptions)
+
+    # ---- one scheduling step -------------------------------------------------------
+
+    def step(self) -> None:
+        self._prefill()
+        self._pull()
+        self._decode()
+
+    def _prefill(self) -> None:
+        for runner in self.prefill:
+            batch = self.queue.next_batch(lambda n: bucket_for(n, runner.length_buckets), runner.max_batch_for)
+            if not batch:
+                return
+            prefixes = runner.run([r.prefill_tokens for r in batch], [r.params for r in batch])
+            for r, prefix in zip(batch, prefixes, strict=True):
+                if not r.output:  # a first prefill; after a preemption the output is already there
+                    r.output.append(prefix.first_token)
+                    if self._finish_if_done(r):
+                        continue
+                r.prefix, r.state = prefix, State.PREFILLED
+                self.prefilled.append(r)
+
+    def _pull(self) -> None:
+        while self.prefilled:
+            r = self.prefilled[0]
+            instance = next((d for d in sorted(self.decode, key=lambda d: len(d.slots)) if d.slots.try_admit(r)), None)
+            if instance is None:
+                return
+            self.prefilled.pop(0)
+            k, v = kv_transfer.transfer(r.prefix, instance.runner.prefix_sharding)
+            instance.runner.insert(k, v, r.pages[: pages_for(r.prefix.length, instance.runner.page_size)])
+            r.prefix = None
+
+    def _decode(self) -> None:
+        for d in self.decode:
+            for victim in reversed(d.slots.reserve_next()):
+                self.queue.add(victim, front=True)
+            running = list(d.slots.running)
+            if not running:
+                continue
+            tokens = d.runner.step([r.output[-1] for r in running], [r.position for r in running],
+                                   [r.pages for r in running], [r.params for r in running])
+            for r, t in zip(running, tokens, strict=True):
+                r.output.append(int(t))
+                if self._finish_if_done(r):
+                    d.slots.release(r)
+
+    def _finish_if_done(self, r: Request) -> bool:
+        reason = stop_reason(r, self.eos_ids, self.max_seq_len)
+        if reason is None and r.params.stop and self.tokenizer:
+            text = self.tokenizer.decode(r.output)
+            reason = "stop" if any(s in text for s in r.params.stop) else None
+        if reason:
+            r.finish_reason, r.state = reason, State.FINISHED
+        return reason is not None

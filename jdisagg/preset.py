@@ -1,0 +1,173 @@
+"""Mesh presets: which devices each prefill and decode instance uses, its mesh axes and
+its budgets. Read from TOML files in ``meshes/`` (format in README.md).
+
+A preset is either disaggregated (``[[prefill]]`` and ``[[decode]]`` instances on
+disjoint devices) or colocated (``[[colocated]]`` instances, each running both phases
+on one mesh, the baseline). Each instance may override the logical-to-mesh axis rules
+in a ``rules`` table; the default is ``jdisagg.sharding.DEFAULT_RULES``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+
+from jdisagg import sharding, toml_file
+from jdisagg.config import ModelConfig
+
+ROLES = ("prefill", "decode", "colocated")
+_TOP_KEYS = {"name", "description", "page_size", "max_seq_len", *ROLES}
+_INSTANCE_KEYS = {"devices", "pp", "tp", "rules", "max_batch", "token_budget", "pages", "micro_batches"}
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceSpec:
+    """One prefill, decode or colocated instance: its devices, mesh axes and budgets."""
+
+    role: str
+    index: int
+    devices: tuple[int, ...]
+    pp: int = 1
+    tp: int = 1
+    rules: Mapping[str, str | None] = dataclasses.field(default_factory=lambda: sharding.DEFAULT_RULES)
+    max_batch: int = 8  # prefill: prompts per call; decode: requests per step
+    token_budget: int = 2048  # prefill: prompt tokens per call (L_m); longer prompts run alone
+    pages: int = 0  # decode: KV pages in the pool, the null page included
+    micro_batches: int = 0  # decode: pipeline micro-batches; 0 means pp
+
+    @property
+    def where(self) -> str:
+        return f"{self.role}[{self.index}]"
+
+    @property
+    def runs_prefill(self) -> bool:
+        return self.role in ("prefill", "colocated")
+
+    @property
+    def runs_decode(self) -> bool:
+        return self.role in ("decode", "colocated")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshPreset:
+    name: str
+    page_size: int
+    max_seq_len: int  # prompt plus output tokens of one request
+    instances: tuple[InstanceSpec, ...]
+    description: str = ""
+    source: str = ""
+
+    @property
+    def colocated(self) -> bool:
+        return any(i.role == "colocated" for i in self.instances)
+
+    @property
+    def prefill(self) -> tuple[InstanceSpec, ...]:
+        return tuple(i for i in self.instances if i.runs_prefill)
+
+    @property
+    def decode(self) -> tuple[InstanceSpec, ...]:
+        return tuple(i for i in self.instances if i.runs_decode)
+
+    def device_count(self) -> int:
+        return sum(len(i.devices) for i in self.instances)
+
+    def validate(self, cfg: ModelConfig, n_devices: int) -> None:
+        """Checks the preset against the model and the host; errors name the offending field."""
+        where = self.source or self.name
+        for spec in self.instances:
+            for d in spec.devices:
+                if not 0 <= d < n_devices:
+                    raise ValueError(
+                        f"{where}: {spec.where}.devices asks for device {d}, but this host has {n_devices} "
+                        f"device(s) (0..{n_devices - 1}); the preset needs {self.device_count()}"
+                    )
+            axes = {"pp": spec.pp, "tp": spec.tp}
+            sharding.check_divisible(cfg, axes, spec.rules, f"{where}: {spec.where}")
+            if spec.runs_decode and spec.max_batch % spec.micro_batches:
+                raise ValueError(
+                    f"{where}: {spec.where}.max_batch={spec.max_batch} must be a multiple of "
+                    f"micro_batches={spec.micro_batches}"
+                )
+        if self.max_seq_len > cfg.max_seq_len:
+            raise ValueError(
+                f"{where}: max_seq_len={self.max_seq_len} exceeds the model's context of {cfg.max_seq_len} tokens"
+            )
+
+
+def _positive(table: dict, key: str, where: str, default: int) -> int:
+    value = table.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{where}.{key} must be a positive integer (got {value!r})")
+    return value
+
+
+def _instance(role: str, index: int, table: dict, where: str) -> InstanceSpec:
+    at = f"{where}: {role}[{index}]"
+    if not isinstance(table, dict):
+        raise ValueError(f"{at} must be a table ([[{role}]])")
+    toml_file.check_keys(table, _INSTANCE_KEYS, at)
+    devices = table.get("devices")
+    if not isinstance(devices, list) or not devices or not all(isinstance(d, int) for d in devices):
+        raise ValueError(f"{at}.devices must be a non-empty list of device indices")
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"{at}.devices lists a device twice: {devices}")
+    pp, tp = _positive(table, "pp", at, 1), _positive(table, "tp", at, 1)
+    if pp * tp != len(devices):
+        raise ValueError(f"{at}: pp * tp = {pp * tp} but devices lists {len(devices)} device(s)")
+    if role in ("prefill", "colocated") and pp != 1:
+        raise ValueError(f"{at}.pp={pp}: prefill runs tensor parallel only (pp must be 1)")
+    rules = dict(sharding.DEFAULT_RULES)
+    user_rules = table.get("rules", {})
+    if not isinstance(user_rules, dict):
+        raise ValueError(f"{at}.rules must be a table of logical axis = mesh axis")
+    for logical, mesh_axis in user_rules.items():
+        if mesh_axis not in (*sharding.MESH_AXES, ""):
+            raise ValueError(f"{at}.rules.{logical} = {mesh_axis!r}: mesh axes are {sharding.MESH_AXES} or \"\"")
+        rules[logical] = mesh_axis or None
+    runs_decode = role in ("decode", "colocated")
+    pages = table.get("pages", 0)
+    if runs_decode:
+        pages = _positive(table, "pages", at, 0) if "pages" in table else 0
+        if pages < 2:
+            raise ValueError(f"{at}.pages is required for decode: the page pool size (>= 2, page 0 is reserved)")
+    return InstanceSpec(
+        role=role, index=index, devices=tuple(devices), pp=pp, tp=tp, rules=MappingProxyType(rules),
+        max_batch=_positive(table, "max_batch", at, 8), token_budget=_positive(table, "token_budget", at, 2048),
+        pages=pages, micro_batches=_positive(table, "micro_batches", at, pp) if runs_decode else 0,
+    )
+
+
+def parse(data: dict, where: str) -> MeshPreset:
+    toml_file.check_keys(data, _TOP_KEYS, where)
+    page_size = _positive(data, "page_size", where, 16)
+    max_seq_len = _positive(data, "max_seq_len", where, 2048)
+    instances = []
+    for role in ROLES:
+        tables = data.get(role, [])
+        if isinstance(tables, dict):
+            tables = [tables]
+        instances += [_instance(role, i, t, where) for i, t in enumerate(tables)]
+    has = {i.role for i in instances}
+    if "colocated" in has and has & {"prefill", "decode"}:
+        raise ValueError(f"{where}: a preset is either colocated or has prefill and decode instances, not both")
+    if "colocated" not in has and not {"prefill", "decode"} <= has:
+        raise ValueError(f"{where}: needs at least one [[prefill]] and one [[decode]] instance, or [[colocated]]")
+    seen: dict[int, str] = {}
+    for spec in instances:
+        for d in spec.devices:
+            if d in seen:
+                raise ValueError(f"{where}: device {d} is in both {seen[d]}.devices and {spec.where}.devices")
+            seen[d] = spec.where
+    return MeshPreset(
+        name=str(data.get("name", Path(where).stem)), page_size=page_size, max_seq_len=max_seq_len,
+        instances=tuple(instances), description=str(data.get("description", "")), source=where,
+    )
+
+
+def load_preset(name_or_path: str) -> MeshPreset:
+    """A preset by name (``meshes/<name>.toml``) or path."""
+    path = toml_file.resolve(name_or_path, "meshes", "mesh preset")
+    return parse(toml_file.read(path), str(path))

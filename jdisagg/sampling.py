@@ -1,0 +1,88 @@
+"""Sampling parameters (host side) and the sampler (traced into the programs).
+
+Randomness is a pure function of (request seed, position of the sampled token), so a
+request samples the same tokens whatever batch, instance or mesh it runs on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples and when it stops. ``temperature == 0`` is greedy."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0  # 0: no top-k cut
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()  # stop strings, matched on the detokenized output
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        problems = []
+        if self.max_tokens < 1:
+            problems.append(f"max_tokens must be >= 1 (got {self.max_tokens})")
+        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
+            problems.append(f"temperature must be a finite number >= 0 (got {self.temperature})")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0 (got {self.top_k})")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1] (got {self.top_p})")
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"seed must be in [0, 2**32) (got {self.seed})")
+        if any(t < 0 for t in self.stop_token_ids):
+            problems.append("stop_token_ids must be >= 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SamplingArrays:
+    """Per-row sampling parameters as arrays, one row per request in a batch."""
+
+    temperature: jax.Array  # [B] float32
+    top_k: jax.Array  # [B] int32
+    top_p: jax.Array  # [B] float32
+    seed: jax.Array  # [B] uint32
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], batch: int) -> SamplingArrays:
+        """Rows for ``params``, padded to ``batch`` rows of greedy."""
+        pad = [SamplingParams()] * (batch - len(params))
+        rows = list(params) + pad
+        return cls(
+            temperature=np.array([p.temperature for p in rows], np.float32),
+            top_k=np.array([p.top_k for p in rows], np.int32),
+            top_p=np.array([p.top_p for p in rows], np.float32),
+            seed=np.array([p.seed for p in rows], np.uint32),
+        )
+
+
+def sample(logits_bv: jax.Array, s: SamplingArrays, pos_b: jax.Array) -> jax.Array:
+    """[B] int32 tokens; ``pos_b`` is the position each sampled token will occupy."""
+    greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    scaled_bv = logits_bv / jnp.maximum(s.temperature, 1e-6)[:, None]
+    order_bv = jnp.argsort(-scaled_bv, axis=-1)  # vocabulary sorted by descending logit
+    sorted_bv = jnp.take_along_axis(scaled_bv, order_bv, axis=-1)
+    rank_v = jnp.arange(logits_bv.shape[-1])
+    keep = (s.top_k[:, None] <= 0) | (rank_v[None, :] < s.top_k[:, None])
+    probs_bv = jax.nn.softmax(jnp.where(keep, sorted_bv, -jnp.inf), axis=-1)
+    mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv  # nucleus: keep while mass before < p
+    keep &= (mass_before_bv < s.top_p[:, None]) | (rank_v[None, :] == 0)
+    masked_bv = jnp.where(keep, sorted_bv, -jnp.inf)
+
+    def draw(seed, pos, row_v):
+        return jax.random.categorical(jax.random.fold_in(jax.random.key(seed), pos), row_v)
+
+    choice_b = jax.vmap(draw)(s.seed, pos_b, masked_bv)
+    sampled_b = jnp.take_along_axis(order_bv, choice_b[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.where(s.temperature > 0, sampled_b, greedy_b)

@@ -1,0 +1,157 @@
+"""Scheduling policy in plain Python: requests, the prefill queue, decode slots and pages.
+
+Nothing here touches a device; the runners execute what these classes decide.
+
+A request's life::
+
+    WAITING --prefill--> PREFILLED (prefix KV held on the prefill mesh)
+            --pull-----> RUNNING (KV in decode pages; one token per decode step)
+            --stop-----> FINISHED
+    RUNNING --preempted (pages ran out)--> WAITING, to be prefilled again over
+            prompt + output[:-1]; tokens already produced are kept.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import itertools
+import time
+
+from jdisagg.pages import PageAllocator, pages_for
+from jdisagg.sampling import SamplingParams
+
+
+class State(enum.Enum):
+    WAITING = "waiting"
+    PREFILLED = "prefilled"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    id: int = dataclasses.field(default_factory=lambda: next(_ids))
+    output: list[int] = dataclasses.field(default_factory=list)
+    state: State = State.WAITING
+    finish_reason: str | None = None
+    prefix: object = None  # jdisagg.prefill.Prefix while PREFILLED
+    pages: list[int] = dataclasses.field(default_factory=list)
+    preemptions: int = 0
+    arrival: float = dataclasses.field(default_factory=time.perf_counter)
+
+    @property
+    def prefill_tokens(self) -> list[int]:
+        """What prefill must process: the prompt, plus all but the last output token after a preemption."""
+        return self.prompt + self.output[:-1]
+
+    @property
+    def position(self) -> int:
+        """Position of the next decode input (the last output token)."""
+        return len(self.prompt) + len(self.output) - 1
+
+
+class PrefillQueue:
+    """FCFS queue of waiting requests, cut into batches that fit a token budget."""
+
+    def __init__(self):
+        self._queue: collections.deque[Request] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def add(self, request: Request, front: bool = False) -> None:
+        request.state = State.WAITING
+        (self._queue.appendleft if front else self._queue.append)(request)
+
+    def remove(self, request: Request) -> bool:
+        try:
+            self._queue.remove(request)
+            return True
+        except ValueError:
+            return False
+
+    def next_batch(self, bucket_of, max_batch_for) -> list[Request]:
+        """The longest FCFS prefix of the queue that fits one call.
+
+        ``bucket_of(n)`` is the length bucket of an n-token prompt; ``max_batch_for(t)`` the
+        most prompts of bucket t one call takes (from the token budget, at least one).
+        """
+        batch: list[Request] = []
+        bucket = 0
+        for request in self._queue:
+            t = max(bucket, bucket_of(len(request.prefill_tokens)))
+            if batch and len(batch) + 1 > max_batch_for(t):
+                break
+            batch.append(request)
+            bucket = t
+        for request in batch:
+            self._queue.popleft()
+        return batch
+
+
+class DecodeSlots:
+    """The requests one decode instance runs, and the pages they hold."""
+
+    def __init__(self, n_pages: int, page_size: int, max_batch: int, max_seq_len: int):
+        self.allocator = PageAllocator(n_pages)
+        self.page_size, self.max_batch, self.max_seq_len = page_size, max_batch, max_seq_len
+        self.running: list[Request] = []  # in admission order: the last is the youngest
+
+    def __len__(self) -> int:
+        return len(self.running)
+
+    def try_admit(self, request: Request) -> bool:
+        """Takes the request if a batch slot and pages for its prefix plus one token are free."""
+        if len(self.running) >= self.max_batch:
+            return False
+        pages = self.allocator.allocate(pages_for(request.position + 1, self.page_size))
+        if pages is None:
+            return False
+        request.pages, request.state = pages, State.RUNNING
+        self.running.append(request)
+        return True
+
+    def release(self, request: Request) -> None:
+        self.allocator.free(request.pages)
+        request.pages = []
+        self.running.remove(request)
+
+    def reserve_next(self) -> list[Request]:
+        """Makes sure every running request has a page for its next position.
+
+        When pages run out, the youngest requests are preempted (their pages freed) until
+        the rest fit; returns the preempted requests, which the caller re-queues.
+        """
+        preempted = []
+        for request in list(self.running):
+            if request not in self.running:
+                continue  # preempted in this loop
+            while pages_for(request.position + 1, self.page_size) > len(request.pages):
+                page = self.allocator.allocate(1)
+                if page is not None:
+                    request.pages += page
+                    continue
+                victim = self.running[-1]
+                self.release(victim)
+                victim.preemptions += 1
+                preempted.append(victim)
+                if victim is request:
+                    break
+        return preempted
+
+
+def stop_reason(request: Request, eos_ids: tuple[int, ...], max_seq_len: int) -> str | None:
+    """Why the request stops after its latest token, or None to go on (stop strings are the caller's)."""
+    token, p = request.output[-1], request.params
+    if token in p.stop_token_ids or (not p.ignore_eos and token in eos_ids):
+        return "stop"
+    if len(request.output) >= p.max_tokens or request.position + 1 >= max_seq_len:
+        return "length"
+    return None
