@@ -1,0 +1,28 @@
+"""Process-level JAX set-up shared by the command-line entry points."""
+
+from __future__ import annotations
+
+import os
+
+CPU_DEVICES = 8
+
+
+def simulate_cpu_devices(n: int = CPU_DEVICES) -> None:
+    """On a host without accelerators, let XLA expose ``n`` CPU devices (the CPU presets use 8).
+
+    Must run before JAX initializes its backends; harmless on GPU and TPU hosts, where
+    the flag only affects the (unused) CPU platform.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+def enable_compilation_cache(directory: str | None = None) -> None:
+    """Persist compiled programs across restarts (``$JDISAGG_CACHE``/xla or ~/.cache/jdisagg/xla)."""
+    import jax
+
+    from jdisagg.weights.default import default_cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", directory or str(default_cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
