@@ -51,8 +51,13 @@ def parse_card(data: dict, where: str) -> ModelCard:
     kind = source.get("kind")
     if kind not in SOURCE_KINDS:
         raise ValueError(f"{where}: source.kind = {kind!r}; expected one of {', '.join(SOURCE_KINDS)}")
-    required = {"pypi": ("requirement", "file"), "gguf": ("path",), "hf": ("path",), "orbax": ("path",),
-                "random": ("shape",)}[kind]
+    required = {
+        "pypi": ("requirement", "file"),
+        "gguf": ("path",),
+        "hf": ("path",),
+        "orbax": ("path",),
+        "random": ("shape",),
+    }[kind]
     for key in required:
         if not source.get(key):
             raise ValueError(f"{where}: source.{key} is required for kind {kind!r}")
@@ -66,9 +71,16 @@ def parse_card(data: dict, where: str) -> ModelCard:
     if path and not Path(path).expanduser().is_absolute():
         path = str((Path(where).parent / path).resolve())  # relative to the card
     return ModelCard(
-        name=str(data.get("name", Path(where).stem)), kind=kind, architecture=arch, dtype=dtype, path=path,
-        requirement=source.get("requirement", ""), file=source.get("file", ""), shape=source.get("shape", ""),
-        seed=int(source.get("seed", 0)), description=str(data.get("description", "")),
+        name=str(data.get("name", Path(where).stem)),
+        kind=kind,
+        architecture=arch,
+        dtype=dtype,
+        path=path,
+        requirement=source.get("requirement", ""),
+        file=source.get("file", ""),
+        shape=source.get("shape", ""),
+        seed=int(source.get("seed", 0)),
+        description=str(data.get("description", "")),
     )
 
 
@@ -117,8 +129,9 @@ class LoadedModel:
 
             return restore_checkpoint(self.card.path, shardings, dtype=self.cfg.dtype)
         dtype = np.dtype(jax.numpy.dtype(self.cfg.dtype))
-        return jax.tree_util.tree_map(lambda a, s: jax.device_put(np.asarray(a, dtype), s), self._host_params,
-                                      shardings)
+        return jax.tree_util.tree_map(
+            lambda a, s: jax.device_put(np.asarray(a, dtype), s), self._host_params, shardings
+        )
 
 
 def open_model(card: ModelCard, dtype: str | None = None) -> LoadedModel:

@@ -74,8 +74,20 @@ def pipeline(cfg: ModelConfig, layers: dict, kv: PagedKV, x_btd, pos_bt, *, stag
     return out_m.reshape(x_btd.shape), kv.replace(k_pages=_merge_stages(k_s), v_pages=_merge_stages(v_s))
 
 
-def decode_step(cfg: ModelConfig, params, k_pages, v_pages, tokens_b, pos_b, page_table_bp, s: SamplingArrays,
-                *, stages: int, micro: int, stage_sharding):
+def decode_step(
+    cfg: ModelConfig,
+    params,
+    k_pages,
+    v_pages,
+    tokens_b,
+    pos_b,
+    page_table_bp,
+    s: SamplingArrays,
+    *,
+    stages: int,
+    micro: int,
+    stage_sharding,
+):
     """Feeds each request's last token (at ``pos_b``; -1 for an empty row) and samples the next.
 
     Returns the sampled tokens [B] and the updated page pools.
@@ -85,8 +97,9 @@ def decode_step(cfg: ModelConfig, params, k_pages, v_pages, tokens_b, pos_b, pag
     if stages == 1 and micro == 1:
         x_btd, kv = forward_layers(cfg, params["layers"], x_btd, pos_b[:, None], kv)
     else:
-        x_btd, kv = pipeline(cfg, params["layers"], kv, x_btd, pos_b[:, None], stages=stages, micro=micro,
-                             stage_sharding=stage_sharding)
+        x_btd, kv = pipeline(
+            cfg, params["layers"], kv, x_btd, pos_b[:, None], stages=stages, micro=micro, stage_sharding=stage_sharding
+        )
     next_b = sample(model.logits(cfg, params, x_btd[:, 0]), s, pos_b + 1)
     return next_b, kv.k_pages, kv.v_pages
 
@@ -103,8 +116,19 @@ def insert_prefix(k_pages, v_pages, k_ltkh, v_ltkh, page_ids):
 class DecodeRunner:
     """Owns one decode instance's params, page pools and compiled programs."""
 
-    def __init__(self, cfg: ModelConfig, params: dict, mesh: Mesh, rules, *, max_batch: int, n_pages: int,
-                 page_size: int, max_seq_len: int, micro_batches: int):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params: dict,
+        mesh: Mesh,
+        rules,
+        *,
+        max_batch: int,
+        n_pages: int,
+        page_size: int,
+        max_seq_len: int,
+        micro_batches: int,
+    ):
         self.cfg, self.params, self.mesh = cfg, params, mesh
         self.page_size, self.n_pages = page_size, n_pages
         self.max_pages_per_seq = pages_for(max_seq_len, page_size)
@@ -132,8 +156,9 @@ class DecodeRunner:
         ids[: len(pages)] = pages[: len(ids)]
         self.k_pages, self.v_pages = self._insert(self.k_pages, self.v_pages, k_ltkh, v_ltkh, ids)
 
-    def step(self, tokens: list[int], positions: list[int], page_tables: list[list[int]],
-             params: list[SamplingParams]) -> np.ndarray:
+    def step(
+        self, tokens: list[int], positions: list[int], page_tables: list[list[int]], params: list[SamplingParams]
+    ) -> np.ndarray:
         """One decode step for ``len(tokens)`` requests; returns their next tokens."""
         n = len(tokens)
         b = bucket_for(n, self.batch_buckets)
@@ -157,7 +182,7 @@ class DecodeRunner:
                 progress(f"decode B={b}")
         for t in prefix_lengths:
             shape = (self.cfg.n_layers, t, self.cfg.n_kv_heads, self.cfg.head_dim)
-            zeros = jax.jit(lambda: jnp.zeros(shape, self.cfg.dtype), out_shardings=self.prefix_sharding)()
+            zeros = jax.device_put(np.zeros(shape, jnp.dtype(self.cfg.dtype)), self.prefix_sharding)
             self.insert(zeros, zeros, [])
         seconds = time.perf_counter() - start
         logging.info("decode: compiled %d batch shapes in %.1fs", len(self.batch_buckets), seconds)

@@ -15,6 +15,7 @@ of its loop is schedule -> execute -> update:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -50,8 +51,15 @@ class DecodeInstance:
 class Engine:
     """Prefill and decode instances of one model on the meshes of one preset."""
 
-    def __init__(self, model_name: str = cards.DEFAULT_MODEL, mesh: str | MeshPreset = "cpu", *,
-                 dtype: str | None = None, warm_up: bool = True, progress: bool = True):
+    def __init__(
+        self,
+        model_name: str = cards.DEFAULT_MODEL,
+        mesh: str | MeshPreset = "cpu",
+        *,
+        dtype: str | None = None,
+        warm_up: bool = True,
+        progress: bool = True,
+    ):
         self.preset = mesh if isinstance(mesh, MeshPreset) else load_preset(mesh)
         self.model = cards.open_model(cards.load_card(model_name), dtype)
         self.cfg, self.tokenizer = self.model.cfg, self.model.tokenizer
@@ -68,12 +76,29 @@ class Engine:
             mesh_ = sharding.make_mesh([devices[i] for i in spec.devices], spec.pp, spec.tp)
             params = self.model.place(sharding.param_shardings(abstract, mesh_, spec.rules))
             if spec.runs_prefill:
-                self.prefill.append(PrefillRunner(cfg, params, mesh_, spec.rules, length_buckets=self.length_buckets,
-                                                  max_batch=spec.max_batch, token_budget=spec.token_budget))
+                self.prefill.append(
+                    PrefillRunner(
+                        cfg,
+                        params,
+                        mesh_,
+                        spec.rules,
+                        length_buckets=self.length_buckets,
+                        max_batch=spec.max_batch,
+                        token_budget=spec.token_budget,
+                    )
+                )
             if spec.runs_decode:
-                runner = DecodeRunner(cfg, params, mesh_, spec.rules, max_batch=spec.max_batch, n_pages=spec.pages,
-                                      page_size=preset.page_size, max_seq_len=preset.max_seq_len,
-                                      micro_batches=spec.micro_batches)
+                runner = DecodeRunner(
+                    cfg,
+                    params,
+                    mesh_,
+                    spec.rules,
+                    max_batch=spec.max_batch,
+                    n_pages=spec.pages,
+                    page_size=preset.page_size,
+                    max_seq_len=preset.max_seq_len,
+                    micro_batches=spec.micro_batches,
+                )
                 slots = DecodeSlots(spec.pages, preset.page_size, spec.max_batch, preset.max_seq_len)
                 self.decode.append(DecodeInstance(runner, slots))
         self.queue = PrefillQueue()
@@ -85,6 +110,7 @@ class Engine:
         """Compiles every program shape now, so no request waits on the compiler."""
         total = sum(len(r.shapes()) for r in self.prefill) + sum(len(d.runner.batch_buckets) for d in self.decode)
         with tqdm(total=total, desc="compiling", disable=not progress, leave=False) as bar:
+
             def tick(what):
                 bar.set_postfix_str(what)
                 bar.update()
@@ -108,15 +134,20 @@ class Engine:
         if not tokens:
             raise ValueError("the prompt is empty")
         if len(tokens) >= self.max_seq_len:
-            raise ValueError(f"the prompt has {len(tokens)} tokens; this mesh preset allows at most "
-                             f"{self.max_seq_len - 1} (max_seq_len={self.max_seq_len} counts prompt and output)")
+            raise ValueError(
+                f"the prompt has {len(tokens)} tokens; this mesh preset allows at most "
+                f"{self.max_seq_len - 1} (max_seq_len={self.max_seq_len} counts prompt and output)"
+            )
         bad = [t for t in tokens if not 0 <= t < self.cfg.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
         return Request(tokens, params)
 
-    def generate(self, prompts: str | Sequence[str | Sequence[int]],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+    def generate(
+        self,
+        prompts: str | Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[Completion]:
         """Runs ``prompts`` (text or token ids) to completion; one Completion per prompt, in order."""
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -133,7 +164,10 @@ class Engine:
         return [self.completion(r) for r in requests]
 
     def completion(self, r: Request) -> Completion:
-        text = self.tokenizer.decode(r.output) if self.tokenizer else ""
+        shown = r.output
+        if r.finish_reason == "stop" and (r.output[-1] in r.params.stop_token_ids or r.output[-1] in self.eos_ids):
+            shown = r.output[:-1]  # the stop token ends the text but is not part of it
+        text = self.tokenizer.decode(shown) if self.tokenizer else ""
         for s in r.params.stop:
             if s in text:
                 text = text[: text.index(s)]
@@ -148,7 +182,9 @@ class Engine:
 
     def _prefill(self) -> None:
         for runner in self.prefill:
-            batch = self.queue.next_batch(lambda n: bucket_for(n, runner.length_buckets), runner.max_batch_for)
+            batch = self.queue.next_batch(
+                functools.partial(bucket_for, buckets=runner.length_buckets), runner.max_batch_for
+            )
             if not batch:
                 return
             prefixes = runner.run([r.prefill_tokens for r in batch], [r.params for r in batch])
@@ -178,8 +214,12 @@ class Engine:
             running = list(d.slots.running)
             if not running:
                 continue
-            tokens = d.runner.step([r.output[-1] for r in running], [r.position for r in running],
-                                   [r.pages for r in running], [r.params for r in running])
+            tokens = d.runner.step(
+                [r.output[-1] for r in running],
+                [r.position for r in running],
+                [r.pages for r in running],
+                [r.params for r in running],
+            )
             for r, t in zip(running, tokens, strict=True):
                 r.output.append(int(t))
                 if self._finish_if_done(r):

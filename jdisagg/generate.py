@@ -52,12 +52,18 @@ def main(argv: list[str]) -> None:
         _fail("give at least one --prompt or --prompt_ids")
     try:
         params = [
-            SamplingParams(max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                           top_p=_TOP_P.value, seed=_SEED.value + i, stop=tuple(_STOP.value),
-                           ignore_eos=_IGNORE_EOS.value)
+            SamplingParams(
+                max_tokens=_MAX_TOKENS.value,
+                temperature=_TEMPERATURE.value,
+                top_k=_TOP_K.value,
+                top_p=_TOP_P.value,
+                seed=_SEED.value + i,
+                stop=tuple(_STOP.value),
+                ignore_eos=_IGNORE_EOS.value,
+            )
             for i in range(len(_PROMPT.value) + len(prompts))
         ]
-        engine = Engine(_MODEL.value, _MESH.value, dtype=_DTYPE.value)
+        engine = Engine(_MODEL.value, _MESH.value, dtype=_DTYPE.value, warm_up=False)  # compile what is used
         for text in _PROMPT.value:
             if _CHAT.value:
                 if engine.tokenizer is None:
@@ -70,8 +76,16 @@ def main(argv: list[str]) -> None:
         _fail(str(e))
     for r in results:
         if _JSON.value:
-            print(json.dumps({"text": r.text, "tokens": r.tokens, "finish_reason": r.finish_reason,
-                              "prompt_tokens": len(r.prompt_tokens)}))
+            print(
+                json.dumps(
+                    {
+                        "text": r.text,
+                        "tokens": r.tokens,
+                        "finish_reason": r.finish_reason,
+                        "prompt_tokens": len(r.prompt_tokens),
+                    }
+                )
+            )
         else:
             print(r.text if engine.tokenizer else " ".join(map(str, r.tokens)))
 

@@ -12,7 +12,7 @@ The parameter tree (leading ``L`` on every leaf under ``layers``)::
     layers/mlp/{gate,up,down}     [L, D, F], [L, D, F], [L, F, D]        (llama)
     layers/mlp/{fc1,fc2}          [L, D, F] + [L, F], [L, F, D] + [L, D] (opt)
     head/norm/{scale,bias}        [D]
-    head/lm_head/kernel           [D, V]                     (absent when tied)
+    head/lm_head                  [D, V]                     (absent when tied)
 
 The model holds no parallelism code and no cache code: a block is split into
 ``qkv`` (norm, projections, positions) and ``finish`` (output projection, MLP), and
@@ -47,12 +47,18 @@ def _norm(cfg: ModelConfig, name: str) -> nn.Module:
 
 def _dense(cfg: ModelConfig, features, axis, bias: bool, name: str) -> nn.Module:
     return nn.DenseGeneral(
-        features=features, axis=axis, use_bias=bias, dtype=_dtype(cfg), param_dtype=_dtype(cfg),
-        kernel_init=nn.initializers.normal(0.02), bias_init=nn.initializers.normal(0.02), name=name,
+        features=features,
+        axis=axis,
+        use_bias=bias,
+        dtype=_dtype(cfg),
+        param_dtype=_dtype(cfg),
+        kernel_init=nn.initializers.normal(0.02),
+        bias_init=nn.initializers.normal(0.02),
+        name=name,
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     """[H/2] inverse frequencies, with Llama 3 or linear scaling applied."""
     h = cfg.head_dim
@@ -89,12 +95,19 @@ class Embed(nn.Module):
     def __call__(self, tokens_bt: jax.Array, pos_bt: jax.Array) -> jax.Array:
         cfg = self.cfg
         init = nn.initializers.normal(0.02)
-        tok = nn.Embed(cfg.vocab_size, cfg.dim, dtype=_dtype(cfg), param_dtype=_dtype(cfg),
-                       embedding_init=init, name="tokens")
+        tok = nn.Embed(
+            cfg.vocab_size, cfg.dim, dtype=_dtype(cfg), param_dtype=_dtype(cfg), embedding_init=init, name="tokens"
+        )
         x_btd = tok(tokens_bt)
         if cfg.arch == "opt":
-            posemb = nn.Embed(cfg.max_seq_len + OPT_POSITION_OFFSET, cfg.dim, dtype=_dtype(cfg),
-                              param_dtype=_dtype(cfg), embedding_init=init, name="positions")
+            posemb = nn.Embed(
+                cfg.max_seq_len + OPT_POSITION_OFFSET,
+                cfg.dim,
+                dtype=_dtype(cfg),
+                param_dtype=_dtype(cfg),
+                embedding_init=init,
+                name="positions",
+            )
             x_btd = x_btd + posemb(jnp.maximum(pos_bt, 0) + OPT_POSITION_OFFSET)
         return x_btd
 

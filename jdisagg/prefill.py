@@ -78,8 +78,17 @@ def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
 class PrefillRunner:
     """Runs prefill batches on one mesh; owns its params and compiled programs."""
 
-    def __init__(self, cfg: ModelConfig, params: dict, mesh: Mesh, rules, *, length_buckets: tuple[int, ...],
-                 max_batch: int, token_budget: int):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params: dict,
+        mesh: Mesh,
+        rules,
+        *,
+        length_buckets: tuple[int, ...],
+        max_batch: int,
+        token_budget: int,
+    ):
         self.cfg, self.params, self.mesh = cfg, params, mesh
         self.length_buckets = length_buckets
         self.token_budget = token_budget
@@ -87,9 +96,7 @@ class PrefillRunner:
         kv_sharding = sharding.named_sharding(mesh, sharding.PROMPT_KV_AXES, rules)
         prefix_sharding = sharding.named_sharding(mesh, sharding.PREFIX_AXES, rules)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        self._step = jax.jit(
-            functools.partial(prefill_step, cfg), out_shardings=(replicated, kv_sharding, kv_sharding)
-        )
+        self._step = jax.jit(functools.partial(prefill_step, cfg), out_shardings=(replicated, kv_sharding, kv_sharding))
         # Splits a batch's KV into per-request prefixes, on the prefill mesh.
         self._rows = jax.jit(
             lambda k, v, n: tuple((k[:, i], v[:, i]) for i in range(n)),

@@ -125,7 +125,7 @@ def _instance(role: str, index: int, table: dict, where: str) -> InstanceSpec:
         raise ValueError(f"{at}.rules must be a table of logical axis = mesh axis")
     for logical, mesh_axis in user_rules.items():
         if mesh_axis not in (*sharding.MESH_AXES, ""):
-            raise ValueError(f"{at}.rules.{logical} = {mesh_axis!r}: mesh axes are {sharding.MESH_AXES} or \"\"")
+            raise ValueError(f'{at}.rules.{logical} = {mesh_axis!r}: mesh axes are {sharding.MESH_AXES} or ""')
         rules[logical] = mesh_axis or None
     runs_decode = role in ("decode", "colocated")
     pages = table.get("pages", 0)
@@ -134,9 +134,16 @@ def _instance(role: str, index: int, table: dict, where: str) -> InstanceSpec:
         if pages < 2:
             raise ValueError(f"{at}.pages is required for decode: the page pool size (>= 2, page 0 is reserved)")
     return InstanceSpec(
-        role=role, index=index, devices=tuple(devices), pp=pp, tp=tp, rules=MappingProxyType(rules),
-        max_batch=_positive(table, "max_batch", at, 8), token_budget=_positive(table, "token_budget", at, 2048),
-        pages=pages, micro_batches=_positive(table, "micro_batches", at, pp) if runs_decode else 0,
+        role=role,
+        index=index,
+        devices=tuple(devices),
+        pp=pp,
+        tp=tp,
+        rules=MappingProxyType(rules),
+        max_batch=_positive(table, "max_batch", at, 8),
+        token_budget=_positive(table, "token_budget", at, 2048),
+        pages=pages,
+        micro_batches=_positive(table, "micro_batches", at, pp) if runs_decode else 0,
     )
 
 
@@ -162,8 +169,12 @@ def parse(data: dict, where: str) -> MeshPreset:
                 raise ValueError(f"{where}: device {d} is in both {seen[d]}.devices and {spec.where}.devices")
             seen[d] = spec.where
     return MeshPreset(
-        name=str(data.get("name", Path(where).stem)), page_size=page_size, max_seq_len=max_seq_len,
-        instances=tuple(instances), description=str(data.get("description", "")), source=where,
+        name=str(data.get("name", Path(where).stem)),
+        page_size=page_size,
+        max_seq_len=max_seq_len,
+        instances=tuple(instances),
+        description=str(data.get("description", "")),
+        source=where,
     )
 
 

@@ -91,7 +91,7 @@ class PrefillQueue:
                 break
             batch.append(request)
             bucket = t
-        for request in batch:
+        for _ in batch:
             self._queue.popleft()
         return batch
 

@@ -18,8 +18,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jdisagg.config import ModelConfig
 
 # Logical axes.
-LAYERS, VOCAB, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP = "layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp"
-BATCH, LENGTH, PAGES, PAGE_SLOT, POSITIONS = "batch", "length", "pages", "page_slot", "positions"
+LAYERS, VOCAB, EMBED, POSITIONS = "layers", "vocab", "embed", "positions"
+HEADS, KV_HEADS, HEAD_DIM, MLP = "heads", "kv_heads", "head_dim", "mlp"
+BATCH, LENGTH, PAGES, PAGE_SLOT = "batch", "length", "pages", "page_slot"
 
 MESH_AXES = ("pp", "tp")
 DEFAULT_RULES: Mapping[str, str | None] = {LAYERS: "pp", HEADS: "tp", KV_HEADS: "tp", MLP: "tp", VOCAB: "tp"}

@@ -12,18 +12,22 @@ from jdisagg.model import init_params
 from jdisagg.sampling import SamplingArrays
 
 # Weights much larger than activations, so a gathered weight cannot hide among activations.
-CFG = ModelConfig(arch="llama", vocab_size=256, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=512,
-                  max_seq_len=128)
-_COLLECTIVE = re.compile(r"=\s*\(?([a-z0-9]+\[[0-9,]*\][^ ]*(?:,\s*[a-z0-9]+\[[0-9,]*\][^ ]*)*)\)?\s+"
-                         r"(all-gather|all-to-all|collective-permute|all-reduce|reduce-scatter)\(")
+CFG = ModelConfig(
+    arch="llama", vocab_size=256, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=512, max_seq_len=128
+)
+_COLLECTIVE = re.compile(
+    r"=\s*\(?([a-z0-9]+\[[0-9,]*\][^ ]*(?:,\s*[a-z0-9]+\[[0-9,]*\][^ ]*)*)\)?\s+"
+    r"(all-gather|all-to-all|collective-permute|all-reduce|reduce-scatter)\("
+)
 
 
 def _decode_runner():
     mesh = sharding.make_mesh(jax.devices()[4:], 2, 2)
     host = init_params(CFG, jax.random.key(0))
     params = jax.device_put(host, sharding.param_shardings(host, mesh, sharding.DEFAULT_RULES))
-    return DecodeRunner(CFG, params, mesh, sharding.DEFAULT_RULES, max_batch=4, n_pages=16, page_size=8,
-                        max_seq_len=64, micro_batches=2)
+    return DecodeRunner(
+        CFG, params, mesh, sharding.DEFAULT_RULES, max_batch=4, n_pages=16, page_size=8, max_seq_len=64, micro_batches=2
+    )
 
 
 def _collectives(hlo: str):
@@ -48,15 +52,24 @@ def test_each_device_holds_only_its_stage():
 def test_no_weight_is_gathered():
     runner = _decode_runner()
     b = 4
-    args = (runner.params, runner.k_pages, runner.v_pages, np.zeros(b, np.int32), np.zeros(b, np.int32),
-            np.zeros((b, runner.max_pages_per_seq), np.int32), SamplingArrays.of([], b))
+    args = (
+        runner.params,
+        runner.k_pages,
+        runner.v_pages,
+        np.zeros(b, np.int32),
+        np.zeros(b, np.int32),
+        np.zeros((b, runner.max_pages_per_seq), np.int32),
+        SamplingArrays.of([], b),
+    )
     hlo = runner._step.lower(*args).compile().as_text()
     collectives = _collectives(hlo)
     ops = {op for op, _ in collectives}
     assert "collective-permute" in ops  # the stages hand activations to each other
     smallest_weight_shard = min(
-        int(np.prod(s.data.shape)) for leaf in jax.tree_util.tree_leaves(runner.params["layers"])
-        if leaf.ndim >= 3 for s in leaf.addressable_shards
+        int(np.prod(s.data.shape))
+        for leaf in jax.tree_util.tree_leaves(runner.params["layers"])
+        if leaf.ndim >= 3
+        for s in leaf.addressable_shards
     )
     biggest = max(n for _, n in collectives)
     assert biggest < smallest_weight_shard, (biggest, smallest_weight_shard, collectives)

@@ -20,8 +20,10 @@ def model_runs(request):
     """Per mesh: greedy tokens, and tokens sampled at temperature 1 with per-request seeds."""
     prompts = _prompts()
     greedy = SamplingParams(max_tokens=12, ignore_eos=True)
-    sampled = [SamplingParams(max_tokens=12, ignore_eos=True, temperature=1.0, top_k=50, top_p=0.9, seed=s)
-               for s in range(len(prompts))]
+    sampled = [
+        SamplingParams(max_tokens=12, ignore_eos=True, temperature=1.0, top_k=50, top_p=0.9, seed=s)
+        for s in range(len(prompts))
+    ]
     runs = {}
     for mesh in MESHES:
         engine = Engine(request.param, mesh, warm_up=False, progress=False)
@@ -83,13 +85,14 @@ def test_preemption_keeps_results(tmp_path):
     """A page pool too small for the batch forces preemption; nothing changes in the output."""
     prompts = _prompts(seed=3, lengths=(20, 30, 25, 40))
     params = SamplingParams(max_tokens=40, ignore_eos=True)
-    reference = [c.tokens for c in Engine("tiny-llama", "cpu-single", warm_up=False, progress=False)
-                 .generate(prompts, params)]
+    reference = [
+        c.tokens for c in Engine("tiny-llama", "cpu-single", warm_up=False, progress=False).generate(prompts, params)
+    ]
     preset = tmp_path / "small.toml"
     preset.write_text(
-        'page_size = 16\nmax_seq_len = 128\n'
-        '[[prefill]]\ndevices = [0, 1]\ntp = 2\n'
-        '[[decode]]\ndevices = [2, 3]\npp = 2\nmax_batch = 4\npages = 12\n'  # 11 usable pages; the batch needs 16
+        "page_size = 16\nmax_seq_len = 128\n"
+        "[[prefill]]\ndevices = [0, 1]\ntp = 2\n"
+        "[[decode]]\ndevices = [2, 3]\npp = 2\nmax_batch = 4\npages = 12\n"  # 11 usable pages; the batch needs 16
     )
     engine = Engine("tiny-llama", str(preset), warm_up=False, progress=False)
     results = engine.generate(prompts, params)

