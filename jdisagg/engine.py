@@ -3,19 +3,22 @@
 ``Engine(model, mesh).generate(prompts, params)`` runs requests to completion. Each step
 of its loop is schedule -> execute -> update:
 
-1. prefill: the least-loaded prefill instance takes the next FCFS batch that fits its
-   token budget; each request's prefix KV stays on the prefill mesh.
-2. pull: decode instances pull prefixes (FCFS) while they have a batch slot and pages;
-   ``kv_transfer`` moves the KV device to device into the decode layout.
-3. decode: every decode instance with running requests reserves pages for the next
-   token (preempting the youngest when pages run out) and runs one step.
-4. update: tokens are appended; requests that hit a stop condition release their pages.
+1. prefill: each prefill instance takes the next FCFS batch that fits its token budget,
+   unless its buffer of prefixes not yet pulled is full (back-pressure); each request's
+   prefix KV stays on the prefill mesh until a decode instance pulls it.
+2. pull + decode: each decode instance pulls prefixes (FCFS) while it has a batch slot and
+   pages (``kv_transfer`` moves the KV device to device into the decode layout), reserves
+   pages for the next token (preempting the youngest when pages run out) and runs a step.
+3. update: tokens are appended and streamed; requests that hit a stop condition release
+   their pages.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
+import time
 from collections.abc import Sequence
 
 import jax
@@ -102,7 +105,11 @@ class Engine:
                 slots = DecodeSlots(spec.pages, preset.page_size, spec.max_batch, preset.max_seq_len)
                 self.decode.append(DecodeInstance(runner, slots))
         self.queue = PrefillQueue()
-        self.prefilled: list[Request] = []
+        self.prefilled: list[Request] = []  # FCFS; their prefix KV waits on the prefill mesh
+        self.held_tokens = [0] * len(self.prefill)  # prefix tokens each prefill instance buffers
+        self.buffer_tokens = [spec.buffer_tokens for spec in preset.prefill]
+        self.lock = threading.RLock()
+        self.wake = threading.Condition(self.lock)  # notified whenever scheduler state changes
         if warm_up:
             self.warm_up(progress)
 
@@ -158,9 +165,10 @@ class Engine:
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         requests = [self.make_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
         for r in requests:
-            self.queue.add(r)
+            self.submit(r)
         while any(r.state is not State.FINISHED for r in requests):
-            self.step()
+            if not self.step():
+                raise RuntimeError("no instance can make progress (is a prompt larger than every page pool?)")
         return [self.completion(r) for r in requests]
 
     def completion(self, r: Request) -> Completion:
@@ -173,57 +181,133 @@ class Engine:
                 text = text[: text.index(s)]
         return Completion(r.prompt, list(r.output), text, r.finish_reason or "", r.preemptions)
 
-    # ---- one scheduling step -------------------------------------------------------
+    # ---- scheduling steps ----------------------------------------------------------
+    #
+    # Scheduler state (queue, prefilled list, slots, request fields) changes only under
+    # ``self.lock``; device work runs outside it, so one thread per instance can drive
+    # prefill and decode concurrently (jdisagg.server does that). ``step`` drives every
+    # instance once from the calling thread (the offline path).
 
-    def step(self) -> None:
-        self._prefill()
-        self._pull()
-        self._decode()
+    def step(self) -> bool:
+        """One prefill call per prefill instance and one decode step per decode instance."""
+        did = [self.prefill_once(i) for i in range(len(self.prefill))]
+        did += [self.decode_once(d) for d in self.decode]
+        return any(did)
 
-    def _prefill(self) -> None:
-        for runner in self.prefill:
+    def submit(self, request: Request) -> None:
+        with self.lock:
+            self.queue.add(request)
+            self.wake.notify_all()
+
+    def cancel(self, request: Request) -> None:
+        """Stops a request; its queue slot, prefix KV and pages are freed by the next step that sees it."""
+        with self.lock:
+            if request.state is State.FINISHED:
+                return
+            request.cancelled = True
+            if self.queue.remove(request):
+                self._finish(request, "cancelled")
+            elif request in self.prefilled:
+                self.prefilled.remove(request)
+                self._drop_prefix(request)
+                self._finish(request, "cancelled")
+            self.wake.notify_all()
+
+    def prefill_once(self, index: int) -> bool:
+        """Runs one batch on prefill instance ``index`` if work is waiting and its buffer has room."""
+        runner = self.prefill[index]
+        with self.lock:
+            if self.held_tokens[index] >= self.buffer_tokens[index]:
+                return False  # back-pressure: decode has not pulled enough yet
             batch = self.queue.next_batch(
                 functools.partial(bucket_for, buckets=runner.length_buckets), runner.max_batch_for
             )
-            if not batch:
-                return
-            prefixes = runner.run([r.prefill_tokens for r in batch], [r.params for r in batch])
+            for r in batch:
+                r.mark("prefill_start")
+        if not batch:
+            return False
+        prefixes = runner.run([r.prefill_tokens for r in batch], [r.params for r in batch])
+        with self.lock:
             for r, prefix in zip(batch, prefixes, strict=True):
+                r.mark("prefill_end")
+                if r.cancelled:
+                    self._finish(r, "cancelled")
+                    continue
                 if not r.output:  # a first prefill; after a preemption the output is already there
                     r.output.append(prefix.first_token)
+                    r.mark("first_token")
                     if self._finish_if_done(r):
                         continue
-                r.prefix, r.state = prefix, State.PREFILLED
+                    r.emit(r.output[-1:])
+                r.prefix, r.state, r.prefill_instance = prefix, State.PREFILLED, index
+                self.held_tokens[index] += prefix.k.shape[1]
                 self.prefilled.append(r)
+            self.wake.notify_all()
+        return True
 
-    def _pull(self) -> None:
-        while self.prefilled:
-            r = self.prefilled[0]
-            instance = next((d for d in sorted(self.decode, key=lambda d: len(d.slots)) if d.slots.try_admit(r)), None)
-            if instance is None:
-                return
-            self.prefilled.pop(0)
-            k, v = kv_transfer.transfer(r.prefix, instance.runner.prefix_sharding)
-            instance.runner.insert(k, v, r.pages[: pages_for(r.prefix.length, instance.runner.page_size)])
-            r.prefix = None
-
-    def _decode(self) -> None:
-        for d in self.decode:
+    def decode_once(self, d: DecodeInstance) -> bool:
+        """Pulls prefixes while there is room, then runs one step; False when there was nothing to do."""
+        with self.lock:
+            for r in [r for r in d.slots.running if r.cancelled]:
+                d.slots.release(r)
+                self._finish(r, "cancelled")
+            pulled = []
+            while self.prefilled and d.slots.try_admit(self.prefilled[0]):
+                r = self.prefilled.pop(0)
+                r.mark("admitted")
+                pulled.append((r, r.prefix))
+        for r, prefix in pulled:
+            start = time.perf_counter()
+            k, v = kv_transfer.transfer(prefix, d.runner.prefix_sharding)
+            d.runner.insert(k, v, r.pages[: pages_for(prefix.length, d.runner.page_size)])
+            r.transfer_s += time.perf_counter() - start
+            r.transfer_bytes += prefix.nbytes
+        with self.lock:
+            for r, _ in pulled:
+                self._drop_prefix(r)
             for victim in reversed(d.slots.reserve_next()):
                 self.queue.add(victim, front=True)
             running = list(d.slots.running)
-            if not running:
-                continue
-            tokens = d.runner.step(
-                [r.output[-1] for r in running],
-                [r.position for r in running],
-                [r.pages for r in running],
-                [r.params for r in running],
-            )
+        if not running:
+            return bool(pulled)
+        tokens = d.runner.step(
+            [r.output[-1] for r in running],
+            [r.position for r in running],
+            [r.pages for r in running],
+            [r.params for r in running],
+        )
+        with self.lock:
             for r, t in zip(running, tokens, strict=True):
                 r.output.append(int(t))
                 if self._finish_if_done(r):
                     d.slots.release(r)
+                else:
+                    r.emit(r.output[-1:])
+            self.wake.notify_all()
+        return True
+
+    def fail_all(self, error: str) -> None:
+        """Ends every unfinished request with ``error`` (a worker died); nothing is left hanging."""
+        with self.lock:
+            held = list(self.queue.drain()) + self.prefilled + [r for d in self.decode for r in d.slots.running]
+            self.prefilled = []
+            for d in self.decode:
+                for r in list(d.slots.running):
+                    d.slots.release(r)
+            for r in held:
+                r.error = error
+                self._finish(r, "error")
+            self.wake.notify_all()
+
+    def _drop_prefix(self, r: Request) -> None:
+        if r.prefix is not None:
+            self.held_tokens[r.prefill_instance] -= r.prefix.k.shape[1]
+            r.prefix = None
+
+    def _finish(self, r: Request, reason: str) -> None:
+        r.finish_reason, r.state = reason, State.FINISHED
+        r.mark("finished")
+        r.emit([])
 
     def _finish_if_done(self, r: Request) -> bool:
         reason = stop_reason(r, self.eos_ids, self.max_seq_len)
@@ -232,4 +316,6 @@ class Engine:
             reason = "stop" if any(s in text for s in r.params.stop) else None
         if reason:
             r.finish_reason, r.state = reason, State.FINISHED
+            r.mark("finished")
+            r.emit(r.output[-1:])
         return reason is not None

@@ -19,7 +19,17 @@ from jdisagg.config import ModelConfig
 
 ROLES = ("prefill", "decode", "colocated")
 _TOP_KEYS = {"name", "description", "page_size", "max_seq_len", *ROLES}
-_INSTANCE_KEYS = {"devices", "pp", "tp", "rules", "max_batch", "token_budget", "pages", "micro_batches"}
+_INSTANCE_KEYS = {
+    "devices",
+    "pp",
+    "tp",
+    "rules",
+    "max_batch",
+    "token_budget",
+    "buffer_tokens",
+    "pages",
+    "micro_batches",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +44,7 @@ class InstanceSpec:
     rules: Mapping[str, str | None] = dataclasses.field(default_factory=lambda: sharding.DEFAULT_RULES)
     max_batch: int = 8  # prefill: prompts per call; decode: requests per step
     token_budget: int = 2048  # prefill: prompt tokens per call (L_m); longer prompts run alone
+    buffer_tokens: int = 0  # prefill: prefix tokens held for decode to pull before prefill pauses
     pages: int = 0  # decode: KV pages in the pool, the null page included
     micro_batches: int = 0  # decode: pipeline micro-batches; 0 means pp
 
@@ -86,6 +97,12 @@ class MeshPreset:
                     )
             axes = {"pp": spec.pp, "tp": spec.tp}
             sharding.check_divisible(cfg, axes, spec.rules, f"{where}: {spec.where}")
+            if spec.runs_decode and spec.pages - 1 < -(-self.max_seq_len // self.page_size):
+                raise ValueError(
+                    f"{where}: {spec.where}.pages={spec.pages} cannot hold one request of max_seq_len="
+                    f"{self.max_seq_len} tokens ({-(-self.max_seq_len // self.page_size)} pages of "
+                    f"{self.page_size} plus the null page)"
+                )
             if spec.runs_decode and spec.max_batch % spec.micro_batches:
                 raise ValueError(
                     f"{where}: {spec.where}.max_batch={spec.max_batch} must be a multiple of "
@@ -142,6 +159,7 @@ def _instance(role: str, index: int, table: dict, where: str) -> InstanceSpec:
         rules=MappingProxyType(rules),
         max_batch=_positive(table, "max_batch", at, 8),
         token_budget=_positive(table, "token_budget", at, 2048),
+        buffer_tokens=_positive(table, "buffer_tokens", at, 4 * table.get("token_budget", 2048)),
         pages=pages,
         micro_batches=_positive(table, "micro_batches", at, pp) if runs_decode else 0,
     )

@@ -17,6 +17,7 @@ import collections
 import dataclasses
 import enum
 import itertools
+import queue
 import time
 
 from jdisagg.pages import PageAllocator, pages_for
@@ -42,9 +43,25 @@ class Request:
     state: State = State.WAITING
     finish_reason: str | None = None
     prefix: object = None  # jdisagg.prefill.Prefix while PREFILLED
+    prefill_instance: int = 0  # which prefill instance holds the prefix
     pages: list[int] = dataclasses.field(default_factory=list)
     preemptions: int = 0
+    cancelled: bool = False
+    error: str | None = None  # set when the engine failed while holding the request
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
+    times: dict[str, float] = dataclasses.field(default_factory=dict)  # event name -> perf_counter()
+    transfer_s: float = 0.0
+    transfer_bytes: int = 0
+    # Streaming consumers read (new token ids, finished?) tuples from here; None when nobody streams.
+    events: queue.SimpleQueue | None = None
+
+    def mark(self, event: str) -> None:
+        """Records the first time ``event`` happens (prefill_start, first_token, admitted, finished)."""
+        self.times.setdefault(event, time.perf_counter())
+
+    def emit(self, tokens: list[int]) -> None:
+        if self.events is not None:
+            self.events.put((tokens, self.state is State.FINISHED))
 
     @property
     def prefill_tokens(self) -> list[int]:
@@ -76,6 +93,11 @@ class PrefillQueue:
             return True
         except ValueError:
             return False
+
+    def drain(self) -> list[Request]:
+        out = list(self._queue)
+        self._queue.clear()
+        return out
 
     def next_batch(self, bucket_of, max_batch_for) -> list[Request]:
         """The longest FCFS prefix of the queue that fits one call.
