@@ -1,0 +1,136 @@
+"""The gRPC server on localhost, with a tiny model on a disaggregated mesh."""
+
+import concurrent.futures
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from jdisagg.engine import Engine
+from jdisagg.proto import jdisagg_pb2 as pb
+from jdisagg.proto import jdisagg_pb2_grpc as pb_grpc
+from jdisagg.sampling import SamplingParams
+from jdisagg.server import Server
+
+
+@pytest.fixture(scope="module")
+def served():
+    engine = Engine("tiny-llama", "cpu-tp4-pp2tp2", warm_up=False, progress=False)
+    server = Server(engine, port=0, max_queue=64)
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = pb_grpc.GenerationStub(channel)
+    try:
+        yield engine, server, stub, channel
+    finally:
+        channel.close()
+        server.stop()
+
+
+def _request(ids, **sampling):
+    return pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParameters(**sampling))
+
+
+def _collect(stub, request, **kw):
+    tokens, final = [], None
+    for msg in stub.Generate(request, **kw):
+        tokens += list(msg.token_ids)
+        if msg.HasField("final"):
+            final = msg.final
+    return tokens, final
+
+
+def test_unavailable_while_warming_up(served):
+    engine, server, stub, channel = served
+    with pytest.raises(grpc.RpcError) as err:
+        _collect(stub, _request([5, 6]))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "warming up" in err.value.details()
+    health = health_pb2_grpc.HealthStub(channel)
+    assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    server.set_ready()
+    assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_concurrent_streams_equal_offline(served):
+    engine, server, stub, _ = served
+    server.set_ready()
+    rng = np.random.default_rng(1)
+    cases = []
+    for i in range(32):
+        ids = rng.integers(3, 256, int(rng.integers(1, 120))).tolist()
+        sampling = dict(max_tokens=int(rng.integers(1, 24)), ignore_eos=True)
+        if i % 3 == 0:
+            sampling.update(temperature=0.8, top_k=20, top_p=0.9, seed=i)
+        cases.append((ids, sampling))
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(lambda c: _collect(stub, _request(c[0], **c[1])), cases))
+    offline = Engine("tiny-llama", "cpu-single", warm_up=False, progress=False)
+    expected = offline.generate([c[0] for c in cases], [SamplingParams(**c[1]) for c in cases])
+    for (tokens, final), want, (ids, sampling) in zip(results, expected, cases, strict=True):
+        assert tokens == want.tokens
+        assert final.finish_reason == "length" and final.completion_tokens == sampling["max_tokens"]
+        assert final.prompt_tokens == len(ids)
+        assert final.latency.ttft_s > 0 and final.latency.e2e_s >= final.latency.ttft_s
+        assert final.latency.transfer_bytes > 0
+
+
+def test_cancelled_streams_free_everything(served):
+    engine, server, stub, _ = served
+    server.set_ready()
+    calls = [stub.Generate(_request([7] * (10 + i), max_tokens=200, ignore_eos=True)) for i in range(8)]
+    for i, call in enumerate(calls):
+        next(call)  # each stream has started
+        if i % 2:
+            call.cancel()
+    for i, call in enumerate(calls):
+        if i % 2 == 0:
+            assert sum(len(m.token_ids) for m in call) == 199
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        slots = engine.decode[0].slots
+        if slots.allocator.num_free == slots.allocator.capacity and not engine.prefilled and not len(engine.queue):
+            break
+        time.sleep(0.05)
+    assert slots.allocator.num_free == slots.allocator.capacity
+    assert engine.held_tokens == [0]
+    assert _collect(stub, _request([5, 6], max_tokens=3, ignore_eos=True))[0]  # still serving
+
+
+@pytest.mark.parametrize(
+    "request_,code,message",
+    [
+        (pb.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT, "no input"),
+        (_request([]), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        (_request([5] * 600), grpc.StatusCode.INVALID_ARGUMENT, "at most 511"),
+        (_request([5, 999]), grpc.StatusCode.INVALID_ARGUMENT, "outside the vocabulary"),
+        (_request([5], temperature=-1), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (_request([5], top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (pb.GenerateRequest(text="hi"), grpc.StatusCode.INVALID_ARGUMENT, "no tokenizer"),
+    ],
+)
+def test_bad_requests(served, request_, code, message):
+    engine, server, stub, _ = served
+    server.set_ready()
+    with pytest.raises(grpc.RpcError) as err:
+        _collect(stub, request_)
+    assert err.value.code() == code and message in err.value.details()
+
+
+def test_deadline_is_honoured(served):
+    engine, server, stub, _ = served
+    server.set_ready()
+    with pytest.raises(grpc.RpcError) as err:
+        _collect(stub, _request([9] * 50, max_tokens=400, ignore_eos=True), timeout=0.5)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_model_info(served):
+    engine, server, stub, _ = served
+    info = stub.ModelInfo(pb.ModelInfoRequest())
+    assert info.model_name == "tiny-llama" and info.vocab_size == 256 and info.mesh_preset == "cpu-tp4-pp2tp2"
+    assert [(i.role, list(i.devices), i.pp, i.tp) for i in info.instances] == [
+        ("prefill", [0, 1, 2, 3], 1, 4),
+        ("decode", [4, 5, 6, 7], 2, 2),
+    ]
