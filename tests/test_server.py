@@ -134,3 +134,59 @@ def test_model_info(served):
         ("prefill", [0, 1, 2, 3], 1, 4),
         ("decode", [4, 5, 6, 7], 2, 2),
     ]
+
+
+def test_metrics_endpoint(served):
+    engine, server, stub, _ = served
+    server.set_ready()
+    _collect(stub, _request([5, 6, 7], max_tokens=4, ignore_eos=True))
+    http = server.metrics.start(0)
+    try:
+        import urllib.request
+
+        body = urllib.request.urlopen(f"http://127.0.0.1:{http.server_port}/metrics", timeout=10).read().decode()
+    finally:
+        http.shutdown()
+    for name in (
+        "jdisagg_ttft_seconds_bucket",
+        "jdisagg_tpot_seconds_bucket",
+        "jdisagg_queue_seconds_bucket",
+        "jdisagg_kv_transfer_seconds_bucket",
+        "jdisagg_kv_transfer_bytes_bucket",
+        "jdisagg_kv_pages_used",
+        'jdisagg_requests_total{finish_reason="length"}',
+        "jdisagg_prefill_queue_depth",
+    ):
+        assert name in body, name
+
+
+def test_burst_larger_than_decode_memory(tmp_path):
+    """More work than decode pages hold: prefill buffers, decode preempts; nothing is dropped."""
+    preset = tmp_path / "tight.toml"
+    preset.write_text(
+        "page_size = 16\nmax_seq_len = 128\n"
+        "[[prefill]]\ndevices = [0, 1]\ntp = 2\nmax_batch = 4\ntoken_budget = 128\nbuffer_tokens = 128\n"
+        "[[decode]]\ndevices = [2, 3]\npp = 2\nmax_batch = 4\npages = 14\n"
+    )
+    engine = Engine("tiny-llama", str(preset), warm_up=False, progress=False)
+    server = Server(engine, port=0)
+    server.start()
+    server.set_ready()
+    rng = np.random.default_rng(7)
+    cases = [rng.integers(3, 256, int(rng.integers(20, 60))).tolist() for _ in range(16)]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                results = list(
+                    pool.map(lambda ids: _collect(stub, _request(ids, max_tokens=48, ignore_eos=True)), cases)
+                )
+    finally:
+        server.stop()
+    offline = Engine("tiny-llama", "cpu-single", warm_up=False, progress=False)
+    expected = offline.generate(cases, SamplingParams(max_tokens=48, ignore_eos=True))
+    assert [t for t, _ in results] == [e.tokens for e in expected]
+    assert sum(f.latency.preemptions for _, f in results) > 0
+    assert max(f.latency.decode_queue_s for _, f in results) > 0  # prefixes waited in the prefill buffer
+    slots = engine.decode[0].slots
+    assert slots.allocator.num_free == slots.allocator.capacity and engine.held_tokens == [0]
