@@ -27,7 +27,7 @@ from jdisagg.attention import NULL_PAGE, PagedKV, forward_layers
 from jdisagg.config import ModelConfig
 from jdisagg.pages import pages_for
 from jdisagg.prefill import batch_buckets, bucket_for
-from jdisagg.sampling import SamplingArrays, SamplingParams, sample
+from jdisagg.sampling import Sampled, SamplingArrays, SamplingParams, sample
 
 
 def _split_stages(tree, stages: int):
@@ -90,7 +90,7 @@ def decode_step(
 ):
     """Feeds each request's last token (at ``pos_b``; -1 for an empty row) and samples the next.
 
-    Returns the sampled tokens [B] and the updated page pools.
+    Returns what was sampled (``Sampled``, [B]) and the updated page pools.
     """
     kv = PagedKV(k_pages, v_pages, page_table_bp)
     x_btd = model.embed(cfg, params, tokens_b[:, None], pos_b[:, None])
@@ -100,8 +100,7 @@ def decode_step(
         x_btd, kv = pipeline(
             cfg, params["layers"], kv, x_btd, pos_b[:, None], stages=stages, micro=micro, stage_sharding=stage_sharding
         )
-    next_b = sample(model.logits(cfg, params, x_btd[:, 0]), s, pos_b + 1)
-    return next_b, kv.k_pages, kv.v_pages
+    return sample(model.logits(cfg, params, x_btd[:, 0]), s, pos_b + 1), kv.k_pages, kv.v_pages
 
 
 def insert_prefix(k_pages, v_pages, k_ltkh, v_ltkh, page_ids):
@@ -158,8 +157,8 @@ class DecodeRunner:
 
     def step(
         self, tokens: list[int], positions: list[int], page_tables: list[list[int]], params: list[SamplingParams]
-    ) -> np.ndarray:
-        """One decode step for ``len(tokens)`` requests; returns their next tokens."""
+    ) -> Sampled:
+        """One decode step for ``len(tokens)`` requests; returns what they sampled (host arrays)."""
         n = len(tokens)
         b = bucket_for(n, self.batch_buckets)
         tokens_b = np.zeros((b,), np.int32)
@@ -168,10 +167,10 @@ class DecodeRunner:
         tokens_b[:n], pos_b[:n] = tokens, positions
         for i, pages in enumerate(page_tables):
             table_bp[i, : len(pages)] = pages
-        next_b, self.k_pages, self.v_pages = self._step(
+        sampled, self.k_pages, self.v_pages = self._step(
             self.params, self.k_pages, self.v_pages, tokens_b, pos_b, table_bp, SamplingArrays.of(params, b)
         )
-        return np.asarray(next_b)[:n]
+        return jax.device_get(sampled)  # the step's one device-to-host copy
 
     def warm_up(self, prefix_lengths: tuple[int, ...], progress=None) -> float:
         """Compiles the step for every batch bucket and the insert for every prefix length."""

@@ -7,7 +7,8 @@ of its loop is schedule -> execute -> update:
    unless its buffer of prefixes not yet pulled is full (back-pressure); each request's
    prefix KV stays on the prefill mesh until a decode instance pulls it.
 2. pull + decode: each decode instance pulls prefixes (FCFS) while it has a batch slot and
-   pages (``kv_transfer`` moves the KV device to device into the decode layout), reserves
+   pages and no instance that could take the prefix runs fewer requests (least-loaded);
+   ``kv_transfer`` moves the KV device to device into the decode layout. It then reserves
    pages for the next token (preempting the youngest when pages run out) and runs a step.
 3. update: tokens are appended and streamed; requests that hit a stop condition release
    their pages.
@@ -30,7 +31,7 @@ from jdisagg.decode import DecodeRunner
 from jdisagg.pages import pages_for
 from jdisagg.prefill import PrefillRunner, bucket_for, length_buckets
 from jdisagg.preset import MeshPreset, load_preset
-from jdisagg.sampling import SamplingParams
+from jdisagg.sampling import Logprob, SamplingParams
 from jdisagg.scheduler import DecodeSlots, PrefillQueue, Request, State, stop_reason
 
 
@@ -43,6 +44,7 @@ class Completion:
     text: str
     finish_reason: str  # "stop" (EOS, stop token or stop string) or "length"
     preemptions: int = 0
+    logprobs: list[Logprob] | None = None  # one per token when SamplingParams.logprobs was set
 
 
 @dataclasses.dataclass
@@ -179,7 +181,8 @@ class Engine:
         for s in r.params.stop:
             if s in text:
                 text = text[: text.index(s)]
-        return Completion(r.prompt, list(r.output), text, r.finish_reason or "", r.preemptions)
+        logprobs = list(r.logprobs) if r.params.logprobs else None
+        return Completion(r.prompt, list(r.output), text, r.finish_reason or "", r.preemptions, logprobs)
 
     # ---- scheduling steps ----------------------------------------------------------
     #
@@ -234,7 +237,7 @@ class Engine:
                     self._finish(r, "cancelled")
                     continue
                 if not r.output:  # a first prefill; after a preemption the output is already there
-                    r.output.append(prefix.first_token)
+                    r.append(prefix.first_token, prefix.first_logprob)
                     r.mark("first_token")
                     if self._finish_if_done(r):
                         continue
@@ -252,7 +255,7 @@ class Engine:
                 d.slots.release(r)
                 self._finish(r, "cancelled")
             pulled = []
-            while self.prefilled and d.slots.try_admit(self.prefilled[0]):
+            while self.prefilled and self._routes_to(d, self.prefilled[0]) and d.slots.try_admit(self.prefilled[0]):
                 r = self.prefilled.pop(0)
                 r.mark("admitted")
                 pulled.append((r, r.prefix))
@@ -270,15 +273,15 @@ class Engine:
             running = list(d.slots.running)
         if not running:
             return bool(pulled)
-        tokens = d.runner.step(
+        sampled = d.runner.step(
             [r.output[-1] for r in running],
             [r.position for r in running],
             [r.pages for r in running],
             [r.params for r in running],
         )
         with self.lock:
-            for r, t in zip(running, tokens, strict=True):
-                r.output.append(int(t))
+            for i, r in enumerate(running):
+                r.append(int(sampled.tokens[i]), sampled.logprob(i, r.params.logprobs))
                 if self._finish_if_done(r):
                     d.slots.release(r)
                 else:
@@ -298,6 +301,11 @@ class Engine:
                 r.error = error
                 self._finish(r, "error")
             self.wake.notify_all()
+
+    def _routes_to(self, d: DecodeInstance, r: Request) -> bool:
+        """Least-loaded routing: ``d`` pulls ``r`` only if no instance that could take it runs fewer requests."""
+        loads = [len(o.slots) for o in self.decode if o.slots.can_admit(r)]
+        return bool(loads) and len(d.slots) <= min(loads)
 
     def _drop_prefix(self, r: Request) -> None:
         if r.prefix is not None:

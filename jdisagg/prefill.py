@@ -20,19 +20,19 @@ from jax.sharding import Mesh
 from jdisagg import model, sharding
 from jdisagg.attention import PromptKV, forward_layers
 from jdisagg.config import ModelConfig
-from jdisagg.sampling import SamplingArrays, SamplingParams, sample
+from jdisagg.sampling import Logprob, SamplingArrays, SamplingParams, sample
 
 
 def prefill_step(cfg: ModelConfig, params: dict, tokens_bt: jax.Array, lengths_b: jax.Array, s: SamplingArrays):
-    """Returns the first sampled token of each prompt [B] and the prompts' KV [L, B, T, K, H] x 2."""
+    """Returns the first sampled token of each prompt (``Sampled``, [B]) and the prompts' KV [L, B, T, K, H] x 2."""
     b, t = tokens_bt.shape
     steps_t = jnp.arange(t, dtype=jnp.int32)
     pos_bt = jnp.where(steps_t[None, :] < lengths_b[:, None], steps_t[None, :], -1)  # -1 marks padding
     x_btd = model.embed(cfg, params, tokens_bt, pos_bt)
     x_btd, kv = forward_layers(cfg, params["layers"], x_btd, pos_bt, PromptKV.empty(cfg, b, t))
     last_bd = x_btd[jnp.arange(b), jnp.maximum(lengths_b - 1, 0)]
-    first_b = sample(model.logits(cfg, params, last_bd), s, lengths_b)
-    return first_b, kv.k, kv.v
+    first = sample(model.logits(cfg, params, last_bd), s, lengths_b)
+    return first, kv.k, kv.v
 
 
 @dataclasses.dataclass
@@ -41,6 +41,7 @@ class Prefix:
     (the queueing buffer) until a decode instance pulls it."""
 
     first_token: int
+    first_logprob: Logprob  # the first token's log-probability and top alternatives
     length: int  # prompt tokens held in k and v
     k: jax.Array  # [L, T, K, H] on the prefill mesh; T is the length bucket
     v: jax.Array
@@ -133,7 +134,10 @@ class PrefillRunner:
         for i, p in enumerate(prompts):
             tokens_bt[i, : len(p)] = p
             lengths_b[i] = len(p)
-        first_b, k, v = self._step(self.params, tokens_bt, lengths_b, SamplingArrays.of(params, b))
+        first, k, v = self._step(self.params, tokens_bt, lengths_b, SamplingArrays.of(params, b))
         rows = self._rows(k, v, len(prompts))
-        first_b = np.asarray(first_b)
-        return [Prefix(int(first_b[i]), len(p), *rows[i]) for i, p in enumerate(prompts)]
+        first = jax.device_get(first)
+        return [
+            Prefix(int(first.tokens[i]), first.logprob(i, sp.logprobs), len(p), *rows[i])
+            for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
+        ]

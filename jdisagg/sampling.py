@@ -25,6 +25,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()  # stop strings, matched on the detokenized output
     ignore_eos: bool = False
+    logprobs: int = 0  # report each token's log-probability and this many top alternatives
 
     def __post_init__(self):
         problems = []
@@ -40,8 +41,40 @@ class SamplingParams:
             problems.append(f"seed must be in [0, 2**32) (got {self.seed})")
         if any(t < 0 for t in self.stop_token_ids):
             problems.append("stop_token_ids must be >= 0")
+        if not 0 <= self.logprobs <= MAX_LOGPROBS:
+            problems.append(f"logprobs must be in [0, {MAX_LOGPROBS}] (got {self.logprobs})")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+MAX_LOGPROBS = 20  # top alternatives every program computes; a request reports up to this many
+
+
+@dataclasses.dataclass(frozen=True)
+class Logprob:
+    """A sampled token's log-probability and the top alternatives, on the host."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, log-probability), most likely first
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Sampled:
+    """What a program samples for each row: tokens and log-probabilities under the model
+    (before temperature and top-k/top-p)."""
+
+    tokens: jax.Array  # [B] int32
+    logprobs: jax.Array  # [B] float32
+    top_ids: jax.Array  # [B, MAX_LOGPROBS] int32
+    top_logprobs: jax.Array  # [B, MAX_LOGPROBS] float32
+
+    def logprob(self, row: int, n: int) -> Logprob:
+        """Row ``row`` (host arrays) with ``n`` alternatives."""
+        top = tuple(
+            (int(i), float(lp)) for i, lp in zip(self.top_ids[row, :n], self.top_logprobs[row, :n], strict=True)
+        )
+        return Logprob(float(self.logprobs[row]), top)
 
 
 @jax.tree_util.register_dataclass
@@ -67,8 +100,8 @@ class SamplingArrays:
         )
 
 
-def sample(logits_bv: jax.Array, s: SamplingArrays, pos_b: jax.Array) -> jax.Array:
-    """[B] int32 tokens; ``pos_b`` is the position each sampled token will occupy."""
+def sample(logits_bv: jax.Array, s: SamplingArrays, pos_b: jax.Array) -> Sampled:
+    """Samples a token per row; ``pos_b`` is the position each sampled token will occupy."""
     greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     scaled_bv = logits_bv / jnp.maximum(s.temperature, 1e-6)[:, None]
     order_bv = jnp.argsort(-scaled_bv, axis=-1)  # vocabulary sorted by descending logit
@@ -85,4 +118,8 @@ def sample(logits_bv: jax.Array, s: SamplingArrays, pos_b: jax.Array) -> jax.Arr
 
     choice_b = jax.vmap(draw)(s.seed, pos_b, masked_bv)
     sampled_b = jnp.take_along_axis(order_bv, choice_b[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    return jnp.where(s.temperature > 0, sampled_b, greedy_b)
+    tokens_b = jnp.where(s.temperature > 0, sampled_b, greedy_b)
+    logprobs_bv = jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1)
+    top_logprobs, top_ids = jax.lax.top_k(logprobs_bv, min(MAX_LOGPROBS, logits_bv.shape[-1]))
+    chosen_b = jnp.take_along_axis(logprobs_bv, tokens_b[:, None], axis=-1)[:, 0]
+    return Sampled(tokens_b, chosen_b, top_ids.astype(jnp.int32), top_logprobs)

@@ -40,6 +40,7 @@ class Request:
     params: SamplingParams
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     output: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list = dataclasses.field(default_factory=list)  # jdisagg.sampling.Logprob per output token
     state: State = State.WAITING
     finish_reason: str | None = None
     prefix: object = None  # jdisagg.prefill.Prefix while PREFILLED
@@ -54,6 +55,11 @@ class Request:
     transfer_bytes: int = 0
     # Streaming consumers read (new token ids, finished?) tuples from here; None when nobody streams.
     events: queue.SimpleQueue | None = None
+
+    def append(self, token: int, logprob) -> None:
+        self.output.append(token)
+        if self.params.logprobs:
+            self.logprobs.append(logprob)
 
     def mark(self, event: str) -> None:
         """Records the first time ``event`` happens (prefill_start, first_token, admitted, finished)."""
@@ -125,19 +131,24 @@ class DecodeSlots:
         self.allocator = PageAllocator(n_pages)
         self.page_size, self.max_batch, self.max_seq_len = page_size, max_batch, max_seq_len
         self.running: list[Request] = []  # in admission order: the last is the youngest
+        self.admitted = 0  # requests taken so far
 
     def __len__(self) -> int:
         return len(self.running)
 
+    def can_admit(self, request: Request) -> bool:
+        """Whether a batch slot and pages for the request's prefix plus one token are free."""
+        needed = pages_for(request.position + 1, self.page_size)
+        return len(self.running) < self.max_batch and needed <= self.allocator.num_free
+
     def try_admit(self, request: Request) -> bool:
-        """Takes the request if a batch slot and pages for its prefix plus one token are free."""
-        if len(self.running) >= self.max_batch:
+        """Takes the request if ``can_admit``; allocates its pages."""
+        if not self.can_admit(request):
             return False
-        pages = self.allocator.allocate(pages_for(request.position + 1, self.page_size))
-        if pages is None:
-            return False
-        request.pages, request.state = pages, State.RUNNING
+        request.pages = self.allocator.allocate(pages_for(request.position + 1, self.page_size))
+        request.state = State.RUNNING
         self.running.append(request)
+        self.admitted += 1
         return True
 
     def release(self, request: Request) -> None:

@@ -167,9 +167,8 @@ class Server:
                     raise ValueError("chat has no messages")
                 prompt = e.tokenizer.encode_chat(messages)
             s = msg.sampling
-            if s.logprobs:
-                raise ValueError("logprobs are not supported yet")
             params = SamplingParams(
+                logprobs=s.logprobs,
                 max_tokens=s.max_tokens or DEFAULT_MAX_TOKENS,
                 temperature=s.temperature,
                 top_k=s.top_k,
@@ -179,6 +178,8 @@ class Server:
                 stop_token_ids=tuple(s.stop_token_ids),
                 ignore_eos=s.ignore_eos,
             )
+            if msg.slo.ttft_s < 0 or msg.slo.tpot_s < 0:
+                raise ValueError("slo.ttft_s and slo.tpot_s must be >= 0")
             request = e.make_request(prompt, params)
         except ValueError as err:
             raise _Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
@@ -201,15 +202,15 @@ class Server:
         try:
             context.add_callback(lambda: self.engine.cancel(request))
             self.engine.submit(request)
-            yield from self._stream(request, msg.request_id, context)
+            yield from self._stream(request, msg, context)
         finally:
             with self._inflight_lock:
                 self._inflight -= 1
 
-    def _stream(self, request: Request, request_id: str, context):
+    def _stream(self, request: Request, msg: pb.GenerateRequest, context):
         e = self.engine
         detok = IncrementalDetokenizer(e.tokenizer, request.prompt) if e.tokenizer else None
-        text, sent = "", 0
+        text, sent, n_tokens = "", 0, 0
         stops = request.params.stop
         while True:
             try:
@@ -234,18 +235,21 @@ class Server:
                 if s in text:
                     cut = min(cut, text.index(s))
             delta, sent = text[sent:cut], max(sent, cut)
+            logprobs = [_logprob(t, lp) for t, lp in zip(tokens, request.logprobs[n_tokens:], strict=False)]
+            n_tokens += len(tokens)
             if not finished:
                 if tokens:
-                    yield pb.GenerateResponse(token_ids=tokens, text=delta)
+                    yield pb.GenerateResponse(token_ids=tokens, text=delta, logprobs=logprobs)
                 continue
             if request.error:
                 context.abort(grpc.StatusCode.INTERNAL, request.error)
             if request.finish_reason == "cancelled":
                 context.abort(grpc.StatusCode.CANCELLED, "the request was cancelled")
-            yield pb.GenerateResponse(token_ids=tokens, text=delta, final=self._final(request, request_id))
+            final = self._final(request, msg)
+            yield pb.GenerateResponse(token_ids=tokens, text=delta, logprobs=logprobs, final=final)
             return
 
-    def _final(self, r: Request, request_id: str) -> pb.FinalInfo:
+    def _final(self, r: Request, msg: pb.GenerateRequest) -> pb.FinalInfo:
         t = r.times
         first, done = t.get("first_token", r.arrival), t.get("finished", time.perf_counter())
         n = len(r.output)
@@ -269,12 +273,15 @@ class Server:
         if r.transfer_bytes:
             m.transfer.observe(r.transfer_s)
             m.transfer_bytes.observe(r.transfer_bytes)
+        slo = msg.slo
+        attained = (not slo.ttft_s or latency.ttft_s <= slo.ttft_s) and (not slo.tpot_s or latency.tpot_s <= slo.tpot_s)
         return pb.FinalInfo(
             finish_reason=r.finish_reason,
             prompt_tokens=len(r.prompt),
             completion_tokens=n,
             latency=latency,
-            request_id=request_id,
+            request_id=msg.request_id,
+            slo_attained=attained,
         )
 
     def _reject(self, context, code: grpc.StatusCode, message: str):
@@ -324,6 +331,11 @@ class Server:
             ),
             mesh_toml=_read(preset.source),
         )
+
+
+def _logprob(token: int, lp) -> pb.TokenLogprob:
+    top = [pb.TopLogprob(token_id=i, logprob=v) for i, v in lp.top]
+    return pb.TokenLogprob(token_id=token, logprob=lp.logprob, top=top)
 
 
 def _read(path: str) -> str:

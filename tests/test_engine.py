@@ -115,3 +115,45 @@ def test_bad_requests_are_rejected():
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
     assert engine.generate([[5, 6]], SamplingParams(max_tokens=2))[0].tokens  # still serving
+
+
+def test_logprobs_match_a_full_forward_pass():
+    """Reported log-probabilities (prefill's first token and decode's later ones) equal
+    log_softmax of a plain forward pass over prompt + output, on a disaggregated mesh."""
+    import jax.numpy as jnp
+
+    from jdisagg import attention, model
+
+    engine = Engine("tiny-llama", "cpu-tp2-pp2", warm_up=False, progress=False)
+    prompt = _prompts(seed=5, lengths=(11,))[0]
+    out = engine.generate([prompt], SamplingParams(max_tokens=6, ignore_eos=True, logprobs=5))[0]
+    assert len(out.logprobs) == 6
+    cfg = engine.cfg
+    host = jax.device_get(engine.prefill[0].params)
+    seq = np.array([prompt + out.tokens[:-1]], np.int32)
+    pos = np.arange(seq.shape[1], dtype=np.int32)[None]
+    x = model.embed(cfg, host, seq, pos)
+    x, _ = attention.forward_layers(cfg, host["layers"], x, pos, attention.PromptKV.empty(cfg, 1, seq.shape[1]))
+    logprobs = np.asarray(jax.nn.log_softmax(model.logits(cfg, host, x[0]), axis=-1))
+    for i, (token, lp) in enumerate(zip(out.tokens, out.logprobs, strict=True)):
+        row = logprobs[len(prompt) - 1 + i]
+        np.testing.assert_allclose(lp.logprob, row[token], atol=1e-4)
+        want_top = np.argsort(-row)[:5]
+        assert [t for t, _ in lp.top] == want_top.tolist()
+        np.testing.assert_allclose([v for _, v in lp.top], row[want_top], atol=1e-4)
+        assert lp.top[0][0] == token  # greedy picks the most likely token
+    assert jnp.all(jnp.isfinite(jnp.asarray([lp.logprob for lp in out.logprobs])))
+    assert engine.generate([prompt], SamplingParams(max_tokens=2))[0].logprobs is None
+
+
+def test_two_prefill_and_two_decode_instances():
+    """cpu-2p2d: both decode instances take requests (least-loaded routing); tokens unchanged."""
+    prompts = _prompts(seed=9, lengths=(5, 40, 12, 70, 3, 25, 9, 33))
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    reference = [
+        c.tokens for c in Engine("tiny-llama", "cpu-single", warm_up=False, progress=False).generate(prompts, params)
+    ]
+    engine = Engine("tiny-llama", "cpu-2p2d", warm_up=False, progress=False)
+    assert len(engine.prefill) == 2 and len(engine.decode) == 2
+    assert [c.tokens for c in engine.generate(prompts, params)] == reference
+    assert [d.slots.admitted for d in engine.decode] == [4, 4]

@@ -190,3 +190,36 @@ def test_burst_larger_than_decode_memory(tmp_path):
     assert max(f.latency.decode_queue_s for _, f in results) > 0  # prefixes waited in the prefill buffer
     slots = engine.decode[0].slots
     assert slots.allocator.num_free == slots.allocator.capacity and engine.held_tokens == [0]
+
+
+def test_logprobs_and_stop_strings_stream(served):
+    engine, server, stub, _ = served
+    server.set_ready()
+    tokens, final = [], None
+    logprobs = []
+    for msg in stub.Generate(_request([5, 6, 7], max_tokens=5, ignore_eos=True, logprobs=3)):
+        tokens += list(msg.token_ids)
+        logprobs += list(msg.logprobs)
+        final = msg.final if msg.HasField("final") else final
+    assert len(logprobs) == len(tokens) == 5
+    for t, lp in zip(tokens, logprobs, strict=True):
+        assert lp.token_id == t and len(lp.top) == 3 and lp.top[0].token_id == t
+        assert lp.logprob == pytest.approx(lp.top[0].logprob)
+    with pytest.raises(grpc.RpcError) as err:
+        _collect(stub, _request([5], logprobs=50))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "logprobs" in err.value.details()
+
+
+def test_slo_attainment_is_reported(served):
+    engine, server, stub, _ = served
+    server.set_ready()
+    request = _request([5, 6, 7], max_tokens=4, ignore_eos=True)
+    request.slo.ttft_s = 1e-9  # impossible
+    assert not _collect(stub, request)[1].slo_attained
+    request.slo.ttft_s, request.slo.tpot_s = 3600, 3600
+    assert _collect(stub, request)[1].slo_attained
+    assert _collect(stub, _request([5, 6, 7], max_tokens=2))[1].slo_attained  # no SLO: attained
+    request.slo.tpot_s = -1
+    with pytest.raises(grpc.RpcError) as err:
+        _collect(stub, request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

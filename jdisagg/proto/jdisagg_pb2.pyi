@@ -103,18 +103,20 @@ class TopLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class FinalInfo(_message.Message):
-    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "latency", "request_id")
+    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "latency", "request_id", "slo_attained")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LATENCY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SLO_ATTAINED_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
     latency: LatencyBreakdown
     request_id: str
-    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., latency: _Optional[_Union[LatencyBreakdown, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    slo_attained: bool
+    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., latency: _Optional[_Union[LatencyBreakdown, _Mapping]] = ..., request_id: _Optional[str] = ..., slo_attained: _Optional[bool] = ...) -> None: ...
 
 class LatencyBreakdown(_message.Message):
     __slots__ = ("queue_s", "prefill_s", "transfer_s", "transfer_bytes", "decode_queue_s", "ttft_s", "tpot_s", "e2e_s", "preemptions")
