@@ -1,7 +1,7 @@
 """Attention and the two KV caches it runs against.
 
-One attention function serves both phases; the phases differ only in where keys and
-values live:
+One attention function serves every step; steps differ only in where keys and values
+live (each cache view's ``attend`` stores the new k, v and attends over its context):
 
 * ``PromptKV`` (prefill): the context is the prompt itself. Each layer's k and v are
   also stored into ``[L, B, T, K, H]`` buffers, which become the request's prefix KV.
@@ -9,6 +9,7 @@ values live:
   ``[L, P, Z, K, H]``; ``page_table [B, P_max]`` maps a request's positions to pages.
   Page 0 is the null page: padding rows and unused table slots point at it, so their
   writes land somewhere harmless and their reads are masked out.
+* ``MixedKV`` (chunked prefill): decode rows and a prompt chunk packed in one step.
 
 ``forward_layers`` scans the stacked layers, threading the cache through the carry so
 XLA updates it in place.
@@ -56,9 +57,9 @@ class PromptKV:
         shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
         return cls(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
 
-    def update(self, layer, k_btkh, v_btkh, pos_bt):
+    def attend(self, layer, q_btnh, k_btkh, v_btkh, pos_bt):
         kv = PromptKV(self.k.at[layer].set(k_btkh), self.v.at[layer].set(v_btkh))
-        return kv, k_btkh, v_btkh, pos_bt
+        return attend(q_btnh, k_btkh, v_btkh, causal_mask(pos_bt, pos_bt)), kv
 
 
 @struct.dataclass
@@ -69,7 +70,8 @@ class PagedKV:
     v_pages: jax.Array  # [L, P, Z, K, H]
     page_table: jax.Array  # [B, P_max] int32; NULL_PAGE where unused
 
-    def update(self, layer, k_btkh, v_btkh, pos_bt):
+    def attend(self, layer, q_btnh, k_btkh, v_btkh, pos_bt):
+        """Writes the new k, v at their positions, then attends over each request's pages."""
         z = self.k_pages.shape[2]
         valid = pos_bt >= 0
         page_bt = jnp.where(valid, jnp.take_along_axis(self.page_table, jnp.maximum(pos_bt, 0) // z, 1), NULL_PAGE)
@@ -85,7 +87,35 @@ class PagedKV:
         k_ctx = k_bpzkh.reshape(b, s, *k_bpzkh.shape[-2:])
         v_ctx = v_bpzkh.reshape(b, s, *v_bpzkh.shape[-2:])
         k_pos_bs = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        return kv, k_ctx, v_ctx, k_pos_bs
+        return attend(q_btnh, k_ctx, v_ctx, causal_mask(pos_bt, k_pos_bs)), kv
+
+
+@struct.dataclass
+class MixedKV:
+    """Decode rows and one prefill chunk in one step (chunked prefill), over one page pool.
+
+    The step's tokens are packed into a single row ``[1, B + C]``: B decode tokens (one per
+    request) then a C-token chunk of one prompt. Projections and MLP run on the packed row;
+    attention runs per group against the shared pool.
+    """
+
+    k_pages: jax.Array  # [L, P, Z, K, H]
+    v_pages: jax.Array  # [L, P, Z, K, H]
+    decode_table: jax.Array  # [B, P_max]
+    chunk_table: jax.Array  # [1, P_max]
+
+    def attend(self, layer, q_1tnh, k_1tkh, v_1tkh, pos_1t):
+        b = self.decode_table.shape[0]
+
+        def rows(x):  # the decode part as B rows of one token
+            return x[0, :b].reshape(b, 1, *x.shape[2:])
+
+        decode = PagedKV(self.k_pages, self.v_pages, self.decode_table)
+        out_d, decode = decode.attend(layer, rows(q_1tnh), rows(k_1tkh), rows(v_1tkh), rows(pos_1t))
+        chunk = PagedKV(decode.k_pages, decode.v_pages, self.chunk_table)
+        out_c, chunk = chunk.attend(layer, q_1tnh[:, b:], k_1tkh[:, b:], v_1tkh[:, b:], pos_1t[:, b:])
+        out = jnp.concatenate([out_d.reshape(1, b, *out_d.shape[2:]), out_c], axis=1)
+        return out, self.replace(k_pages=chunk.k_pages, v_pages=chunk.v_pages)
 
 
 def forward_layers(cfg: ModelConfig, layers: dict, x_btd: jax.Array, pos_bt: jax.Array, kv):
@@ -98,8 +128,7 @@ def forward_layers(cfg: ModelConfig, layers: dict, x_btd: jax.Array, pos_bt: jax
     def body(carry, layer):
         x_btd, kv, index = carry
         q, k, v = model.block_qkv(cfg, layer, x_btd, pos_bt)
-        kv, k_ctx, v_ctx, k_pos = kv.update(index, k, v, pos_bt)
-        attn_btnh = attend(q, k_ctx, v_ctx, causal_mask(pos_bt, k_pos))
+        attn_btnh, kv = kv.attend(index, q, k, v, pos_bt)
         return (model.block_finish(cfg, layer, x_btd, attn_btnh), kv, index + 1), None
 
     (x_btd, kv, _), _ = jax.lax.scan(body, (x_btd, kv, jnp.int32(0)), layers)

@@ -23,7 +23,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jdisagg import model, sharding
-from jdisagg.attention import NULL_PAGE, PagedKV, forward_layers
+from jdisagg.attention import NULL_PAGE, MixedKV, PagedKV, forward_layers
 from jdisagg.config import ModelConfig
 from jdisagg.pages import pages_for
 from jdisagg.prefill import batch_buckets, bucket_for
@@ -103,6 +103,36 @@ def decode_step(
     return sample(model.logits(cfg, params, x_btd[:, 0]), s, pos_b + 1), kv.k_pages, kv.v_pages
 
 
+def mixed_step(
+    cfg: ModelConfig,
+    params,
+    k_pages,
+    v_pages,
+    tokens_b,
+    pos_b,
+    page_table_bp,
+    chunk_c,
+    chunk_pos_c,
+    chunk_table_1p,
+    chunk_last,
+    s: SamplingArrays,
+):
+    """Chunked prefill: a decode step for B requests plus a C-token chunk of one prompt.
+
+    ``chunk_pos_c`` is -1 past the chunk's real tokens; ``chunk_last`` indexes its last real
+    token. Samples B + 1 rows: one per decode request, then the token after the chunk.
+    """
+    b = tokens_b.shape[0]
+    tokens_1t = jnp.concatenate([tokens_b, chunk_c])[None]
+    pos_1t = jnp.concatenate([pos_b, chunk_pos_c])[None]
+    x_1td = model.embed(cfg, params, tokens_1t, pos_1t)
+    kv = MixedKV(k_pages, v_pages, page_table_bp, chunk_table_1p)
+    x_1td, kv = forward_layers(cfg, params["layers"], x_1td, pos_1t, kv)
+    last_bd = jnp.concatenate([x_1td[0, :b], x_1td[0, b + chunk_last][None]])
+    next_pos = jnp.concatenate([pos_b + 1, chunk_pos_c[chunk_last][None] + 1])
+    return sample(model.logits(cfg, params, last_bd), s, next_pos), kv.k_pages, kv.v_pages
+
+
 def insert_prefix(k_pages, v_pages, k_ltkh, v_ltkh, page_ids):
     """Writes a prefix [L, T, K, H] into pages ``page_ids`` [T / Z] (NULL_PAGE past its end)."""
     l, t, kh, h = k_ltkh.shape
@@ -127,8 +157,10 @@ class DecodeRunner:
         page_size: int,
         max_seq_len: int,
         micro_batches: int,
+        chunk_tokens: int = 0,
     ):
         self.cfg, self.params, self.mesh = cfg, params, mesh
+        self.chunk_tokens = chunk_tokens  # > 0: this instance also prefills, in chunks of this size
         self.page_size, self.n_pages = page_size, n_pages
         self.max_pages_per_seq = pages_for(max_seq_len, page_size)
         stages = mesh.shape["pp"] if rules.get(sharding.LAYERS) == "pp" else 1
@@ -148,6 +180,11 @@ class DecodeRunner:
             out_shardings=(replicated, self.pages_sharding, self.pages_sharding),
         )
         self._insert = jax.jit(insert_prefix, donate_argnums=(0, 1), out_shardings=(self.pages_sharding,) * 2)
+        self._mixed = jax.jit(
+            functools.partial(mixed_step, cfg),
+            donate_argnums=(1, 2),
+            out_shardings=(replicated, self.pages_sharding, self.pages_sharding),
+        )
 
     def insert(self, k_ltkh: jax.Array, v_ltkh: jax.Array, pages: list[int]) -> None:
         """Writes a transferred prefix into ``pages`` (its first ``len(pages)`` pages' worth)."""
@@ -172,11 +209,59 @@ class DecodeRunner:
         )
         return jax.device_get(sampled)  # the step's one device-to-host copy
 
+    def mixed(
+        self,
+        tokens: list[int],
+        positions: list[int],
+        page_tables: list[list[int]],
+        params: list[SamplingParams],
+        chunk: list[int],
+        chunk_start: int,
+        chunk_pages: list[int],
+        chunk_params: SamplingParams,
+    ) -> tuple[Sampled, int]:
+        """A decode step that also prefills ``chunk`` (prompt positions ``chunk_start`` on).
+
+        Returns what was sampled (host arrays) and the row of the chunk's next token.
+        """
+        n = len(tokens)
+        b = bucket_for(max(n, 1), self.batch_buckets)
+        tokens_b = np.zeros((b,), np.int32)
+        pos_b = np.full((b,), -1, np.int32)
+        table_bp = np.full((b, self.max_pages_per_seq), NULL_PAGE, np.int32)
+        tokens_b[:n], pos_b[:n] = tokens, positions
+        for i, pages in enumerate(page_tables):
+            table_bp[i, : len(pages)] = pages
+        c = self.chunk_tokens
+        chunk_c = np.zeros((c,), np.int32)
+        chunk_c[: len(chunk)] = chunk
+        chunk_pos_c = np.full((c,), -1, np.int32)
+        chunk_pos_c[: len(chunk)] = np.arange(chunk_start, chunk_start + len(chunk))
+        chunk_table = np.full((1, self.max_pages_per_seq), NULL_PAGE, np.int32)
+        chunk_table[0, : len(chunk_pages)] = chunk_pages
+        sampling = SamplingArrays.of([*params, *[SamplingParams()] * (b - n), chunk_params], b + 1)
+        sampled, self.k_pages, self.v_pages = self._mixed(
+            self.params,
+            self.k_pages,
+            self.v_pages,
+            tokens_b,
+            pos_b,
+            table_bp,
+            chunk_c,
+            chunk_pos_c,
+            chunk_table,
+            np.int32(len(chunk) - 1),
+            sampling,
+        )
+        return jax.device_get(sampled), b
+
     def warm_up(self, prefix_lengths: tuple[int, ...], progress=None) -> float:
         """Compiles the step for every batch bucket and the insert for every prefix length."""
         start = time.perf_counter()
         for b in self.batch_buckets:
             self.step([0] * b, [-1] * b, [[]] * b, [SamplingParams()] * b)
+            if self.chunk_tokens:
+                self.mixed([0] * b, [-1] * b, [[]] * b, [SamplingParams()] * b, [0], 0, [], SamplingParams())
             if progress:
                 progress(f"decode B={b}")
         for t in prefix_lengths:

@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 from absl import logging
@@ -103,9 +103,20 @@ class Engine:
                     page_size=preset.page_size,
                     max_seq_len=preset.max_seq_len,
                     micro_batches=spec.micro_batches,
+                    chunk_tokens=spec.chunk_tokens,
                 )
                 slots = DecodeSlots(spec.pages, preset.page_size, spec.max_batch, preset.max_seq_len)
                 self.decode.append(DecodeInstance(runner, slots))
+        # What each worker thread of a server runs: disaggregated instances each get their own;
+        # a colocated instance runs prefill first, then decode, on its one mesh.
+        self.loops: list[tuple[str, Callable[[], bool]]] = []
+        for spec in preset.instances:
+            if spec.role == "prefill":
+                self.loops.append((spec.where, functools.partial(self.prefill_once, spec.index)))
+            elif spec.role in ("decode", "chunked"):
+                self.loops.append((spec.where, functools.partial(self.decode_once, self.decode[spec.index])))
+            else:
+                self.loops.append((spec.where, functools.partial(self._colocated_once, spec.index)))
         self.queue = PrefillQueue()
         self.prefilled: list[Request] = []  # FCFS; their prefix KV waits on the prefill mesh
         self.held_tokens = [0] * len(self.prefill)  # prefix tokens each prefill instance buffers
@@ -192,10 +203,8 @@ class Engine:
     # instance once from the calling thread (the offline path).
 
     def step(self) -> bool:
-        """One prefill call per prefill instance and one decode step per decode instance."""
-        did = [self.prefill_once(i) for i in range(len(self.prefill))]
-        did += [self.decode_once(d) for d in self.decode]
-        return any(did)
+        """Runs every instance's loop body once (``self.loops``); False if none had work."""
+        return any([loop() for _, loop in self.loops])
 
     def submit(self, request: Request) -> None:
         with self.lock:
@@ -250,10 +259,10 @@ class Engine:
 
     def decode_once(self, d: DecodeInstance) -> bool:
         """Pulls prefixes while there is room, then runs one step; False when there was nothing to do."""
+        if d.runner.chunk_tokens:
+            return self._chunked_once(d)
         with self.lock:
-            for r in [r for r in d.slots.running if r.cancelled]:
-                d.slots.release(r)
-                self._finish(r, "cancelled")
+            self._drop_cancelled(d)
             pulled = []
             while self.prefilled and self._routes_to(d, self.prefilled[0]) and d.slots.try_admit(self.prefilled[0]):
                 r = self.prefilled.pop(0)
@@ -271,8 +280,70 @@ class Engine:
             for victim in reversed(d.slots.reserve_next()):
                 self.queue.add(victim, front=True)
             running = list(d.slots.running)
+        return self._decode_step(d, running) or bool(pulled)
+
+    def _colocated_once(self, index: int) -> bool:
+        """Prefill first: a waiting batch goes before the running requests' next step."""
+        return self.prefill_once(index) or self.decode_once(self.decode[index])
+
+    def _chunked_once(self, d: DecodeInstance) -> bool:
+        """A decode step that also prefills the next chunk of the prompt being prefilled (chunked baseline)."""
+        slots, c = d.slots, d.runner.chunk_tokens
+        with self.lock:
+            self._drop_cancelled(d)
+            head = self.queue.peek()
+            if slots.chunking is None and head is not None and slots.reserve_prompt(head):
+                self.queue.remove(head)
+                head.mark("prefill_start")
+            for victim in reversed(slots.reserve_next()):
+                self.queue.add(victim, front=True)
+            running, r = list(slots.running), slots.chunking
+            if r is not None:
+                start = slots.chunk_done
+                piece = r.prefill_tokens[start : start + c]
+        if r is None:
+            return self._decode_step(d, running)
+        sampled, chunk_row = d.runner.mixed(
+            [q.output[-1] for q in running],
+            [q.position for q in running],
+            [q.pages for q in running],
+            [q.params for q in running],
+            piece,
+            start,
+            r.pages,
+            r.params,
+        )
+        with self.lock:
+            self._take_tokens(d, running, sampled)
+            slots.chunk_done += len(piece)
+            if slots.chunk_done == len(r.prefill_tokens):  # the prompt is in; decode from here
+                slots.chunking = None
+                r.mark("prefill_end")
+                r.mark("admitted")
+                if not r.output:
+                    r.append(int(sampled.tokens[chunk_row]), sampled.logprob(chunk_row, r.params.logprobs))
+                    r.mark("first_token")
+                    if self._finish_if_done(r):
+                        slots.allocator.free(r.pages)
+                        r.pages = []
+                        return True
+                    r.emit(r.output[-1:])
+                slots.adopt(r)
+            self.wake.notify_all()
+        return True
+
+    def _drop_cancelled(self, d: DecodeInstance) -> None:
+        for r in [r for r in d.slots.running if r.cancelled]:
+            d.slots.release(r)
+            self._finish(r, "cancelled")
+        r = d.slots.chunking
+        if r is not None and r.cancelled:
+            d.slots.drop_chunking()
+            self._finish(r, "cancelled")
+
+    def _decode_step(self, d: DecodeInstance, running: list[Request]) -> bool:
         if not running:
-            return bool(pulled)
+            return False
         sampled = d.runner.step(
             [r.output[-1] for r in running],
             [r.position for r in running],
@@ -280,14 +351,17 @@ class Engine:
             [r.params for r in running],
         )
         with self.lock:
-            for i, r in enumerate(running):
-                r.append(int(sampled.tokens[i]), sampled.logprob(i, r.params.logprobs))
-                if self._finish_if_done(r):
-                    d.slots.release(r)
-                else:
-                    r.emit(r.output[-1:])
+            self._take_tokens(d, running, sampled)
             self.wake.notify_all()
         return True
+
+    def _take_tokens(self, d: DecodeInstance, running: list[Request], sampled) -> None:
+        for i, r in enumerate(running):
+            r.append(int(sampled.tokens[i]), sampled.logprob(i, r.params.logprobs))
+            if self._finish_if_done(r):
+                d.slots.release(r)
+            else:
+                r.emit(r.output[-1:])
 
     def fail_all(self, error: str) -> None:
         """Ends every unfinished request with ``error`` (a worker died); nothing is left hanging."""
@@ -295,6 +369,9 @@ class Engine:
             held = list(self.queue.drain()) + self.prefilled + [r for d in self.decode for r in d.slots.running]
             self.prefilled = []
             for d in self.decode:
+                if d.slots.chunking is not None:
+                    held.append(d.slots.chunking)
+                    d.slots.drop_chunking()
                 for r in list(d.slots.running):
                     d.slots.release(r)
             for r in held:

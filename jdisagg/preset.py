@@ -2,9 +2,11 @@
 its budgets. Read from TOML files in ``meshes/`` (format in README.md).
 
 A preset is either disaggregated (``[[prefill]]`` and ``[[decode]]`` instances on
-disjoint devices) or colocated (``[[colocated]]`` instances, each running both phases
-on one mesh, the baseline). Each instance may override the logical-to-mesh axis rules
-in a ``rules`` table; the default is ``jdisagg.sharding.DEFAULT_RULES``.
+disjoint devices) or one of the baselines that run both phases on one mesh per instance:
+``[[colocated]]`` (continuous batching, prefill first) or ``[[chunked]]`` (prompts are
+prefilled in ``chunk_tokens`` pieces piggybacked on decode steps). Each instance may
+override the logical-to-mesh axis rules in a ``rules`` table; the default is
+``jdisagg.sharding.DEFAULT_RULES``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from types import MappingProxyType
 from jdisagg import sharding, toml_file
 from jdisagg.config import ModelConfig
 
-ROLES = ("prefill", "decode", "colocated")
+ROLES = ("prefill", "decode", "colocated", "chunked")
 _TOP_KEYS = {"name", "description", "page_size", "max_seq_len", *ROLES}
 _INSTANCE_KEYS = {
     "devices",
@@ -29,6 +31,7 @@ _INSTANCE_KEYS = {
     "buffer_tokens",
     "pages",
     "micro_batches",
+    "chunk_tokens",
 }
 
 
@@ -47,6 +50,7 @@ class InstanceSpec:
     buffer_tokens: int = 0  # prefill: prefix tokens held for decode to pull before prefill pauses
     pages: int = 0  # decode: KV pages in the pool, the null page included
     micro_batches: int = 0  # decode: pipeline micro-batches; 0 means pp
+    chunk_tokens: int = 0  # chunked: prompt tokens prefilled per decode step
 
     @property
     def where(self) -> str:
@@ -58,7 +62,7 @@ class InstanceSpec:
 
     @property
     def runs_decode(self) -> bool:
-        return self.role in ("decode", "colocated")
+        return self.role in ("decode", "colocated", "chunked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +76,8 @@ class MeshPreset:
 
     @property
     def colocated(self) -> bool:
-        return any(i.role == "colocated" for i in self.instances)
+        """Both phases share each instance's devices (``colocated`` or ``chunked``)."""
+        return any(i.role in ("colocated", "chunked") for i in self.instances)
 
     @property
     def prefill(self) -> tuple[InstanceSpec, ...]:
@@ -134,7 +139,7 @@ def _instance(role: str, index: int, table: dict, where: str) -> InstanceSpec:
     pp, tp = _positive(table, "pp", at, 1), _positive(table, "tp", at, 1)
     if pp * tp != len(devices):
         raise ValueError(f"{at}: pp * tp = {pp * tp} but devices lists {len(devices)} device(s)")
-    if role in ("prefill", "colocated") and pp != 1:
+    if role in ("prefill", "colocated", "chunked") and pp != 1:
         raise ValueError(f"{at}.pp={pp}: prefill runs tensor parallel only (pp must be 1)")
     rules = dict(sharding.DEFAULT_RULES)
     user_rules = table.get("rules", {})
@@ -144,7 +149,7 @@ def _instance(role: str, index: int, table: dict, where: str) -> InstanceSpec:
         if mesh_axis not in (*sharding.MESH_AXES, ""):
             raise ValueError(f'{at}.rules.{logical} = {mesh_axis!r}: mesh axes are {sharding.MESH_AXES} or ""')
         rules[logical] = mesh_axis or None
-    runs_decode = role in ("decode", "colocated")
+    runs_decode = role in ("decode", "colocated", "chunked")
     pages = table.get("pages", 0)
     if runs_decode:
         pages = _positive(table, "pages", at, 0) if "pages" in table else 0
@@ -162,6 +167,7 @@ def _instance(role: str, index: int, table: dict, where: str) -> InstanceSpec:
         buffer_tokens=_positive(table, "buffer_tokens", at, 4 * table.get("token_budget", 2048)),
         pages=pages,
         micro_batches=_positive(table, "micro_batches", at, pp) if runs_decode else 0,
+        chunk_tokens=_positive(table, "chunk_tokens", at, 512) if role == "chunked" else 0,
     )
 
 
@@ -176,10 +182,13 @@ def parse(data: dict, where: str) -> MeshPreset:
             tables = [tables]
         instances += [_instance(role, i, t, where) for i, t in enumerate(tables)]
     has = {i.role for i in instances}
-    if "colocated" in has and has & {"prefill", "decode"}:
-        raise ValueError(f"{where}: a preset is either colocated or has prefill and decode instances, not both")
-    if "colocated" not in has and not {"prefill", "decode"} <= has:
-        raise ValueError(f"{where}: needs at least one [[prefill]] and one [[decode]] instance, or [[colocated]]")
+    shared = has & {"colocated", "chunked"}
+    if shared and has - shared:
+        raise ValueError(f"{where}: a preset is either colocated/chunked or has prefill and decode instances, not both")
+    if not shared and not {"prefill", "decode"} <= has:
+        raise ValueError(
+            f"{where}: needs at least one [[prefill]] and one [[decode]] instance, or [[colocated]] or [[chunked]]"
+        )
     seen: dict[int, str] = {}
     for spec in instances:
         for d in spec.devices:

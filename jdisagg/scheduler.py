@@ -100,6 +100,9 @@ class PrefillQueue:
         except ValueError:
             return False
 
+    def peek(self) -> Request | None:
+        return self._queue[0] if self._queue else None
+
     def drain(self) -> list[Request]:
         out = list(self._queue)
         self._queue.clear()
@@ -132,6 +135,9 @@ class DecodeSlots:
         self.page_size, self.max_batch, self.max_seq_len = page_size, max_batch, max_seq_len
         self.running: list[Request] = []  # in admission order: the last is the youngest
         self.admitted = 0  # requests taken so far
+        # Chunked prefill: the request whose prompt is being prefilled, and how far it got.
+        self.chunking: Request | None = None
+        self.chunk_done = 0
 
     def __len__(self) -> int:
         return len(self.running)
@@ -150,6 +156,28 @@ class DecodeSlots:
         self.running.append(request)
         self.admitted += 1
         return True
+
+    def reserve_prompt(self, request: Request) -> bool:
+        """Chunked prefill: takes pages for the request's whole prefill plus one token."""
+        if len(self.running) >= self.max_batch:
+            return False
+        pages = self.allocator.allocate(pages_for(len(request.prefill_tokens) + 1, self.page_size))
+        if pages is None:
+            return False
+        request.pages, request.state = pages, State.PREFILLED
+        self.chunking, self.chunk_done = request, 0
+        return True
+
+    def adopt(self, request: Request) -> None:
+        """Chunked prefill: the prompt is in; the request decodes from now on."""
+        request.state = State.RUNNING
+        self.running.append(request)
+        self.admitted += 1
+
+    def drop_chunking(self) -> None:
+        self.allocator.free(self.chunking.pages)
+        self.chunking.pages = []
+        self.chunking = None
 
     def release(self, request: Request) -> None:
         self.allocator.free(request.pages)

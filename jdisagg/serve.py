@@ -9,6 +9,7 @@ finish, then the process exits. Prometheus metrics are on ``--metrics_port``.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -47,7 +48,14 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     server.start()
     logging.info("listening on %s:%d; compiling", _HOST.value, server.port)
-    engine.warm_up()
+    warm_up = threading.Thread(target=engine.warm_up, daemon=True)
+    warm_up.start()
+    while warm_up.is_alive() and not stop.is_set():
+        warm_up.join(0.2)
+    if stop.is_set():  # stopped while compiling: nothing was accepted yet
+        logging.info("stopped during warm-up")
+        server.stop()
+        os._exit(0)  # the compiler thread cannot be interrupted
     server.set_ready()
     print(f"jdisagg.serve: ready on {_HOST.value}:{server.port}", flush=True)
     stop.wait()

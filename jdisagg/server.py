@@ -1,8 +1,9 @@
 """The gRPC server: the ``jdisagg.v1.Generation`` service over an Engine.
 
 Threads:
-  * one worker per prefill instance loops on ``Engine.prefill_once`` and one per decode
-    instance on ``Engine.decode_once``; each sleeps on ``Engine.wake`` when idle. A worker
+  * one worker per instance loops on its body in ``Engine.loops`` (``prefill_once`` for a
+    prefill instance, ``decode_once`` for a decode or chunked one, prefill-first for a
+    colocated one); each sleeps on ``Engine.wake`` when idle. A worker
     that raises ends every held request with an error and marks the server NOT_SERVING,
     so no stream hangs.
   * gRPC handler threads turn requests into ``scheduler.Request``s, submit them, and stream
@@ -75,14 +76,7 @@ class Server:
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {host}:{port}")
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.workers = [
-            threading.Thread(target=self._work, args=(f"prefill[{i}]", self._prefill_fn(i)), daemon=True)
-            for i in range(len(engine.prefill))
-        ]
-        self.workers += [
-            threading.Thread(target=self._work, args=(f"decode[{i}]", self._decode_fn(d)), daemon=True)
-            for i, d in enumerate(engine.decode)
-        ]
+        self.workers = [threading.Thread(target=self._work, args=loop, daemon=True) for loop in engine.loops]
 
     # ---- lifecycle -----------------------------------------------------------------
 
@@ -117,12 +111,6 @@ class Server:
     def _set_health(self, status) -> None:
         for name in ("", SERVICE):
             self.health.set(name, status)
-
-    def _prefill_fn(self, index: int):
-        return lambda: self.engine.prefill_once(index)
-
-    def _decode_fn(self, instance):
-        return lambda: self.engine.decode_once(instance)
 
     def _work(self, name: str, once) -> None:
         try:

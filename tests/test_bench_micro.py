@@ -1,0 +1,90 @@
+"""``jdisagg.bench.micro`` on 8 simulated CPU devices with tiny sizes: every benchmark yields
+rows with a positive time and a finite ratio, and the transfer rows count the prefix's bytes."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+
+from jdisagg import config
+from jdisagg.bench import micro
+
+TINY = dict(
+    model="tiny-llama",
+    mesh="cpu-tp4-pp2tp2",
+    prefill_shapes=((1, 32), (2, 64)),
+    decode_batches=(4,),
+    decode_contexts=(16, 40),
+    transfer_lengths=(32, 64),
+    pp_batch=4,
+    pp_context=32,
+    repeats=2,
+)
+
+
+def test_every_benchmark_gives_finite_ratios(tmp_path):
+    out = tmp_path / "micro.json"
+    rows = micro.run(micro.Options(**TINY, json_out=str(out)))
+    report = json.loads(out.read_text())
+    assert len(report["rows"]) == len(rows)
+    assert {r["bench"] for r in report["rows"]} == set(micro.BENCHMARKS)
+    assert report["ceilings"]["matmul_flops"] > 0 and report["ceilings"]["copy_bytes"] > 0
+    for r in report["rows"]:
+        assert r["time_ms"] > 0 and r["achieved"] > 0 and r["limit"] > 0, r
+        assert math.isfinite(r["ratio"]) and r["ratio"] > 0, r
+    # 2 prefill shapes; 1 batch x 2 contexts; 2 transfer rows per length; pp = 1 and 2.
+    counts = {b: sum(r["bench"] == b for r in report["rows"]) for b in micro.BENCHMARKS}
+    assert counts == {"ceilings": 2, "prefill": 2, "decode": 2, "transfer": 4, "pp": 2}
+    cfg = config.shape("tiny-llama")
+    for r in report["rows"]:
+        if r["bench"] == "transfer":  # k and v [L, T, K, H] in float32 (T = 32 and 64 are length buckets)
+            assert r["bytes"] == 2 * cfg.n_layers * r["tokens"] * cfg.n_kv_heads * cfg.head_dim * 4, r
+            assert r["tokens"] in (32, 64) and "different split" in r["note"]
+        if r["bench"] == "decode":
+            assert r["bytes"] > cfg.kv_bytes_per_token(4) * r["tokens"]  # weights plus KV
+    prefill = [r for r in report["rows"] if r["bench"] == "prefill"]
+    assert [r["tokens"] for r in prefill] == [32, 128]
+
+
+def test_prefill_flops_formula():
+    cfg = config.shape("tiny-llama")
+    b = micro.Bench.__new__(micro.Bench)  # only the fields prefill_flops reads
+    b.cfg, b.layer_params = cfg, 1000
+    bsz, t = 2, 8
+    expected = (
+        2 * 1000 * bsz * t
+        + 2 * bsz * cfg.dim * cfg.vocab_size
+        + 2 * cfg.n_layers * cfg.n_heads * cfg.head_dim * t * t * bsz
+    )
+    assert np.isclose(micro.prefill_flops(b, bsz, t), expected)
+
+
+def test_command_line(tmp_path):
+    out = tmp_path / "cli.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jdisagg.bench.micro",
+            "--which",
+            "ceilings,transfer",
+            "--model",
+            "tiny-llama",
+            "--mesh",
+            "cpu-tp4-pp2tp2",
+            "--transfer_lengths",
+            "32",
+            "--repeats",
+            "2",
+            "--json_out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "kv_transfer.transfer" in proc.stdout
+    assert [r["bench"] for r in json.loads(out.read_text())["rows"]] == ["ceilings"] * 2 + ["transfer"] * 2
