@@ -163,6 +163,13 @@ class DecodeRunner:
         self.chunk_tokens = chunk_tokens  # > 0: this instance also prefills, in chunks of this size
         self.page_size, self.n_pages = page_size, n_pages
         self.max_pages_per_seq = pages_for(max_seq_len, page_size)
+        # Page-table widths: a step gathers only as many pages per request as its longest
+        # context needs, rounded up to one of these (x4 apart, to bound the compiled shapes).
+        widths, w = [], 8
+        while w < self.max_pages_per_seq:
+            widths.append(w)
+            w *= 4
+        self.width_buckets = (*widths, self.max_pages_per_seq)
         stages = mesh.shape["pp"] if rules.get(sharding.LAYERS) == "pp" else 1
         self.stages, self.micro = stages, micro_batches
         self.batch_buckets = tuple(sorted({-(-b // micro_batches) * micro_batches for b in batch_buckets(max_batch)}))
@@ -196,18 +203,25 @@ class DecodeRunner:
         self, tokens: list[int], positions: list[int], page_tables: list[list[int]], params: list[SamplingParams]
     ) -> Sampled:
         """One decode step for ``len(tokens)`` requests; returns what they sampled (host arrays)."""
-        n = len(tokens)
-        b = bucket_for(n, self.batch_buckets)
-        tokens_b = np.zeros((b,), np.int32)
-        pos_b = np.full((b,), -1, np.int32)
-        table_bp = np.full((b, self.max_pages_per_seq), NULL_PAGE, np.int32)
-        tokens_b[:n], pos_b[:n] = tokens, positions
-        for i, pages in enumerate(page_tables):
-            table_bp[i, : len(pages)] = pages
+        tokens_b, pos_b, table_bp = self._rows(tokens, positions, page_tables)
+        b = len(tokens_b)
         sampled, self.k_pages, self.v_pages = self._step(
             self.params, self.k_pages, self.v_pages, tokens_b, pos_b, table_bp, SamplingArrays.of(params, b)
         )
         return jax.device_get(sampled)  # the step's one device-to-host copy
+
+    def _rows(self, tokens, positions, page_tables, min_width: int = 1):
+        """Batch inputs padded to a batch bucket and a page-table width bucket."""
+        n = len(tokens)
+        b = bucket_for(max(n, 1), self.batch_buckets)
+        width = bucket_for(max([min_width, *map(len, page_tables)]), self.width_buckets)
+        tokens_b = np.zeros((b,), np.int32)
+        pos_b = np.full((b,), -1, np.int32)
+        table_bp = np.full((b, width), NULL_PAGE, np.int32)
+        tokens_b[:n], pos_b[:n] = tokens, positions
+        for i, pages in enumerate(page_tables):
+            table_bp[i, : len(pages)] = pages
+        return tokens_b, pos_b, table_bp
 
     def mixed(
         self,
@@ -225,19 +239,14 @@ class DecodeRunner:
         Returns what was sampled (host arrays) and the row of the chunk's next token.
         """
         n = len(tokens)
-        b = bucket_for(max(n, 1), self.batch_buckets)
-        tokens_b = np.zeros((b,), np.int32)
-        pos_b = np.full((b,), -1, np.int32)
-        table_bp = np.full((b, self.max_pages_per_seq), NULL_PAGE, np.int32)
-        tokens_b[:n], pos_b[:n] = tokens, positions
-        for i, pages in enumerate(page_tables):
-            table_bp[i, : len(pages)] = pages
+        tokens_b, pos_b, table_bp = self._rows(tokens, positions, page_tables, min_width=len(chunk_pages))
+        b = len(tokens_b)
         c = self.chunk_tokens
         chunk_c = np.zeros((c,), np.int32)
         chunk_c[: len(chunk)] = chunk
         chunk_pos_c = np.full((c,), -1, np.int32)
         chunk_pos_c[: len(chunk)] = np.arange(chunk_start, chunk_start + len(chunk))
-        chunk_table = np.full((1, self.max_pages_per_seq), NULL_PAGE, np.int32)
+        chunk_table = np.full((1, table_bp.shape[1]), NULL_PAGE, np.int32)
         chunk_table[0, : len(chunk_pages)] = chunk_pages
         sampling = SamplingArrays.of([*params, *[SamplingParams()] * (b - n), chunk_params], b + 1)
         sampled, self.k_pages, self.v_pages = self._mixed(
@@ -259,9 +268,11 @@ class DecodeRunner:
         """Compiles the step for every batch bucket and the insert for every prefix length."""
         start = time.perf_counter()
         for b in self.batch_buckets:
-            self.step([0] * b, [-1] * b, [[]] * b, [SamplingParams()] * b)
-            if self.chunk_tokens:
-                self.mixed([0] * b, [-1] * b, [[]] * b, [SamplingParams()] * b, [0], 0, [], SamplingParams())
+            for w in self.width_buckets:
+                tables = [[NULL_PAGE] * w] * b
+                self.step([0] * b, [-1] * b, tables, [SamplingParams()] * b)
+                if self.chunk_tokens:
+                    self.mixed([0] * b, [-1] * b, tables, [SamplingParams()] * b, [0], 0, [], SamplingParams())
             if progress:
                 progress(f"decode B={b}")
         for t in prefix_lengths:

@@ -47,6 +47,30 @@ class Completion:
     logprobs: list[Logprob] | None = None  # one per token when SamplingParams.logprobs was set
 
 
+KV_MEMORY_FRACTION = 0.85  # of the memory left after the weights, when a preset leaves `pages` out
+
+
+def auto_pages(cfg, mesh, spec, preset: MeshPreset) -> int:
+    """Pages that fit in ``KV_MEMORY_FRACTION`` of the decode devices' free memory."""
+    stats = [d.memory_stats() for d in mesh.devices.flat]
+    if not all(stats) or not all("bytes_limit" in s for s in stats):
+        raise ValueError(
+            f"{preset.source}: {spec.where}.pages is required on this platform (no device memory statistics)"
+        )
+    free = min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
+    kv_shards = spec.tp if cfg.n_kv_heads % spec.tp == 0 and spec.rules.get(sharding.KV_HEADS) == "tp" else 1
+    per_page = 2 * cfg.n_layers * preset.page_size * cfg.n_kv_heads * cfg.head_dim * jax.numpy.dtype(cfg.dtype).itemsize
+    per_page_per_device = per_page // (spec.pp * kv_shards)
+    pages = int(free * KV_MEMORY_FRACTION) // per_page_per_device
+    needed = pages_for(preset.max_seq_len, preset.page_size) + 1
+    if pages < needed:
+        raise ValueError(
+            f"{preset.source}: {spec.where}: free memory holds {pages} KV pages; one request needs {needed}"
+        )
+    logging.info("%s: %d KV pages (%.1f GiB per device)", spec.where, pages, pages * per_page_per_device / 2**30)
+    return pages
+
+
 @dataclasses.dataclass
 class DecodeInstance:
     runner: DecodeRunner
@@ -93,19 +117,20 @@ class Engine:
                     )
                 )
             if spec.runs_decode:
+                n_pages = spec.pages or auto_pages(cfg, mesh_, spec, preset)
                 runner = DecodeRunner(
                     cfg,
                     params,
                     mesh_,
                     spec.rules,
                     max_batch=spec.max_batch,
-                    n_pages=spec.pages,
+                    n_pages=n_pages,
                     page_size=preset.page_size,
                     max_seq_len=preset.max_seq_len,
                     micro_batches=spec.micro_batches,
                     chunk_tokens=spec.chunk_tokens,
                 )
-                slots = DecodeSlots(spec.pages, preset.page_size, spec.max_batch, preset.max_seq_len)
+                slots = DecodeSlots(n_pages, preset.page_size, spec.max_batch, preset.max_seq_len)
                 self.decode.append(DecodeInstance(runner, slots))
         # What each worker thread of a server runs: disaggregated instances each get their own;
         # a colocated instance runs prefill first, then decode, on its one mesh.

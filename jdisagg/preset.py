@@ -48,7 +48,7 @@ class InstanceSpec:
     max_batch: int = 8  # prefill: prompts per call; decode: requests per step
     token_budget: int = 2048  # prefill: prompt tokens per call (L_m); longer prompts run alone
     buffer_tokens: int = 0  # prefill: prefix tokens held for decode to pull before prefill pauses
-    pages: int = 0  # decode: KV pages in the pool, the null page included
+    pages: int = 0  # decode: KV pages in the pool, the null page included; 0 sizes it from free memory
     micro_batches: int = 0  # decode: pipeline micro-batches; 0 means pp
     chunk_tokens: int = 0  # chunked: prompt tokens prefilled per decode step
 
@@ -102,7 +102,7 @@ class MeshPreset:
                     )
             axes = {"pp": spec.pp, "tp": spec.tp}
             sharding.check_divisible(cfg, axes, spec.rules, f"{where}: {spec.where}")
-            if spec.runs_decode and spec.pages - 1 < -(-self.max_seq_len // self.page_size):
+            if spec.runs_decode and spec.pages and spec.pages - 1 < -(-self.max_seq_len // self.page_size):
                 raise ValueError(
                     f"{where}: {spec.where}.pages={spec.pages} cannot hold one request of max_seq_len="
                     f"{self.max_seq_len} tokens ({-(-self.max_seq_len // self.page_size)} pages of "
@@ -150,11 +150,11 @@ def _instance(role: str, index: int, table: dict, where: str) -> InstanceSpec:
             raise ValueError(f'{at}.rules.{logical} = {mesh_axis!r}: mesh axes are {sharding.MESH_AXES} or ""')
         rules[logical] = mesh_axis or None
     runs_decode = role in ("decode", "colocated", "chunked")
-    pages = table.get("pages", 0)
-    if runs_decode:
-        pages = _positive(table, "pages", at, 0) if "pages" in table else 0
+    pages = 0
+    if runs_decode and "pages" in table:
+        pages = _positive(table, "pages", at, 0)
         if pages < 2:
-            raise ValueError(f"{at}.pages is required for decode: the page pool size (>= 2, page 0 is reserved)")
+            raise ValueError(f"{at}.pages must be >= 2 (page 0 is reserved), or left out to size the pool from memory")
     return InstanceSpec(
         role=role,
         index=index,

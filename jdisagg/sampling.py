@@ -100,9 +100,8 @@ class SamplingArrays:
         )
 
 
-def sample(logits_bv: jax.Array, s: SamplingArrays, pos_b: jax.Array) -> Sampled:
-    """Samples a token per row; ``pos_b`` is the position each sampled token will occupy."""
-    greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+def _draw(logits_bv: jax.Array, s: SamplingArrays, pos_b: jax.Array) -> jax.Array:
+    """Temperature, top-k and top-p sampling; one key per row from (seed, position)."""
     scaled_bv = logits_bv / jnp.maximum(s.temperature, 1e-6)[:, None]
     order_bv = jnp.argsort(-scaled_bv, axis=-1)  # vocabulary sorted by descending logit
     sorted_bv = jnp.take_along_axis(scaled_bv, order_bv, axis=-1)
@@ -117,9 +116,17 @@ def sample(logits_bv: jax.Array, s: SamplingArrays, pos_b: jax.Array) -> Sampled
         return jax.random.categorical(jax.random.fold_in(jax.random.key(seed), pos), row_v)
 
     choice_b = jax.vmap(draw)(s.seed, pos_b, masked_bv)
-    sampled_b = jnp.take_along_axis(order_bv, choice_b[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.take_along_axis(order_bv, choice_b[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def sample(logits_bv: jax.Array, s: SamplingArrays, pos_b: jax.Array) -> Sampled:
+    """Samples a token per row; ``pos_b`` is the position each sampled token will occupy."""
+    logits_bv = logits_bv.astype(jnp.float32)
+    greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    # The vocabulary sort is skipped at run time when every row is greedy.
+    sampled_b = jax.lax.cond(jnp.any(s.temperature > 0), _draw, lambda *_: greedy_b, logits_bv, s, pos_b)
     tokens_b = jnp.where(s.temperature > 0, sampled_b, greedy_b)
-    logprobs_bv = jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1)
+    logprobs_bv = jax.nn.log_softmax(logits_bv, axis=-1)
     top_logprobs, top_ids = jax.lax.top_k(logprobs_bv, min(MAX_LOGPROBS, logits_bv.shape[-1]))
     chosen_b = jnp.take_along_axis(logprobs_bv, tokens_b[:, None], axis=-1)[:, 0]
     return Sampled(tokens_b, chosen_b, top_ids.astype(jnp.int32), top_logprobs)

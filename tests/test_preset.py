@@ -47,6 +47,16 @@ def test_presets_by_name_and_required_platforms():
 
 def test_good_preset_validates(tmp_path):
     _load(tmp_path, GOOD).validate(shape("tiny-llama"), 8)
+    assert _load(tmp_path, GOOD.replace("pages = 64", "")).decode[0].pages == 0  # sized from memory at start
+
+
+def test_pages_must_be_given_without_memory_statistics(tmp_path):
+    from jdisagg.engine import Engine
+
+    path = tmp_path / "p.toml"
+    path.write_text(GOOD.replace("pages = 64", ""))
+    with pytest.raises(ValueError, match=r"decode\[0\].pages is required on this platform"):
+        Engine("tiny-llama", str(path), warm_up=False, progress=False)
 
 
 @pytest.mark.parametrize(
@@ -55,7 +65,6 @@ def test_good_preset_validates(tmp_path):
         (("pp = 2\ntp = 2", "pp = 2\ntp = 1"), r"decode\[0\]: pp \* tp = 2 but devices lists 4"),
         (("devices = [4, 5, 6, 7]", "devices = [3, 4, 5, 6]"), r"device 3 is in both prefill\[0\].devices and decode"),
         (("pages = 64", "pages = 1"), r"decode\[0\].pages"),
-        (("pages = 64", ""), r"decode\[0\].pages is required"),
         (("tp = 4", "tp = 4\ntpp = 1"), r"prefill\[0\]: unknown field\(s\) tpp"),
         (("page_size = 16", "page_size = 0"), r"page_size must be a positive integer"),
         (("[[decode]]", "[[decoder]]"), r"unknown field\(s\) decoder"),
