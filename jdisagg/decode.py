@@ -26,7 +26,7 @@ from jdisagg import model, sharding
 from jdisagg.attention import NULL_PAGE, MixedKV, PagedKV, forward_layers
 from jdisagg.config import ModelConfig
 from jdisagg.pages import pages_for
-from jdisagg.prefill import batch_buckets, bucket_for
+from jdisagg.prefill import bucket_for, powers_of_two
 from jdisagg.sampling import Sampled, SamplingArrays, SamplingParams, sample
 
 
@@ -158,6 +158,7 @@ class DecodeRunner:
         max_seq_len: int,
         micro_batches: int,
         chunk_tokens: int = 0,
+        batch_buckets: tuple[int, ...] = (),
     ):
         self.cfg, self.params, self.mesh = cfg, params, mesh
         self.chunk_tokens = chunk_tokens  # > 0: this instance also prefills, in chunks of this size
@@ -172,7 +173,8 @@ class DecodeRunner:
         self.width_buckets = (*widths, self.max_pages_per_seq)
         stages = mesh.shape["pp"] if rules.get(sharding.LAYERS) == "pp" else 1
         self.stages, self.micro = stages, micro_batches
-        self.batch_buckets = tuple(sorted({-(-b // micro_batches) * micro_batches for b in batch_buckets(max_batch)}))
+        buckets = tuple(batch_buckets) or powers_of_two(max_batch)
+        self.batch_buckets = tuple(sorted({-(-b // micro_batches) * micro_batches for b in buckets}))
         self.pages_sharding = sharding.named_sharding(mesh, sharding.PAGES_AXES, rules)
         # Where a prefix must land to be inserted: the destination sharding for KV transfer.
         self.prefix_sharding = sharding.named_sharding(mesh, sharding.PREFIX_AXES, rules)

@@ -97,7 +97,7 @@ class Engine:
         preset, cfg = self.preset, self.cfg
         self.max_seq_len = preset.max_seq_len
         self.eos_ids = tuple(self.tokenizer.eos_ids) if self.tokenizer else cfg.eos_ids
-        self.length_buckets = length_buckets(preset.max_seq_len, preset.page_size)
+        self.length_buckets = preset.length_buckets or length_buckets(preset.max_seq_len, preset.page_size)
         abstract = model.abstract_params(cfg)
         self.prefill: list[PrefillRunner] = []
         self.decode: list[DecodeInstance] = []
@@ -114,6 +114,7 @@ class Engine:
                         length_buckets=self.length_buckets,
                         max_batch=spec.max_batch,
                         token_budget=spec.token_budget,
+                        batch_buckets=spec.batch_buckets,
                     )
                 )
             if spec.runs_decode:
@@ -129,6 +130,7 @@ class Engine:
                     max_seq_len=preset.max_seq_len,
                     micro_batches=spec.micro_batches,
                     chunk_tokens=spec.chunk_tokens,
+                    batch_buckets=spec.batch_buckets,
                 )
                 slots = DecodeSlots(n_pages, preset.page_size, spec.max_batch, preset.max_seq_len)
                 self.decode.append(DecodeInstance(runner, slots))

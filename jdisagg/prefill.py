@@ -61,7 +61,8 @@ def length_buckets(max_len: int, page_size: int, smallest: int = 16) -> tuple[in
     return tuple(sorted(set(out)))
 
 
-def batch_buckets(max_batch: int) -> tuple[int, ...]:
+def powers_of_two(max_batch: int) -> tuple[int, ...]:
+    """1, 2, 4, ... below ``max_batch``, then ``max_batch``."""
     out, n = [], 1
     while n < max_batch:
         out.append(n)
@@ -89,11 +90,12 @@ class PrefillRunner:
         length_buckets: tuple[int, ...],
         max_batch: int,
         token_budget: int,
+        batch_buckets: tuple[int, ...] = (),
     ):
         self.cfg, self.params, self.mesh = cfg, params, mesh
         self.length_buckets = length_buckets
         self.token_budget = token_budget
-        self.batch_buckets = batch_buckets(max_batch)
+        self.batch_buckets = tuple(batch_buckets) or powers_of_two(max_batch)
         kv_sharding = sharding.named_sharding(mesh, sharding.PROMPT_KV_AXES, rules)
         prefix_sharding = sharding.named_sharding(mesh, sharding.PREFIX_AXES, rules)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

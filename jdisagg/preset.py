@@ -20,7 +20,7 @@ from jdisagg import sharding, toml_file
 from jdisagg.config import ModelConfig
 
 ROLES = ("prefill", "decode", "colocated", "chunked")
-_TOP_KEYS = {"name", "description", "page_size", "max_seq_len", *ROLES}
+_TOP_KEYS = {"name", "description", "page_size", "max_seq_len", "length_buckets", *ROLES}
 _INSTANCE_KEYS = {
     "devices",
     "pp",
@@ -32,6 +32,7 @@ _INSTANCE_KEYS = {
     "pages",
     "micro_batches",
     "chunk_tokens",
+    "batch_buckets",
 }
 
 
@@ -51,6 +52,7 @@ class InstanceSpec:
     pages: int = 0  # decode: KV pages in the pool, the null page included; 0 sizes it from free memory
     micro_batches: int = 0  # decode: pipeline micro-batches; 0 means pp
     chunk_tokens: int = 0  # chunked: prompt tokens prefilled per decode step
+    batch_buckets: tuple[int, ...] = ()  # compiled batch sizes; () means powers of two up to max_batch
 
     @property
     def where(self) -> str:
@@ -71,6 +73,7 @@ class MeshPreset:
     page_size: int
     max_seq_len: int  # prompt plus output tokens of one request
     instances: tuple[InstanceSpec, ...]
+    length_buckets: tuple[int, ...] = ()  # compiled prompt lengths; () means powers of two up to max_seq_len
     description: str = ""
     source: str = ""
 
@@ -168,7 +171,25 @@ def _instance(role: str, index: int, table: dict, where: str) -> InstanceSpec:
         pages=pages,
         micro_batches=_positive(table, "micro_batches", at, pp) if runs_decode else 0,
         chunk_tokens=_positive(table, "chunk_tokens", at, 512) if role == "chunked" else 0,
+        batch_buckets=_buckets(table, "batch_buckets", at, top=table.get("max_batch", 8)),
     )
+
+
+def _buckets(table: dict, key: str, where: str, top: int, multiple: int = 1) -> tuple[int, ...]:
+    """An optional sorted list of compiled sizes; the largest must be ``top`` (or cover it)."""
+    values = table.get(key)
+    if values is None:
+        return ()
+    if (
+        not isinstance(values, list)
+        or not values
+        or not all(isinstance(v, int) and v > 0 and v % multiple == 0 for v in values)
+        or values != sorted(set(values))
+    ):
+        raise ValueError(f"{where}.{key} must be an increasing list of positive multiples of {multiple}")
+    if values[-1] < top:
+        raise ValueError(f"{where}.{key}: the largest ({values[-1]}) must be at least {top}")
+    return tuple(values)
 
 
 def parse(data: dict, where: str) -> MeshPreset:
@@ -196,6 +217,7 @@ def parse(data: dict, where: str) -> MeshPreset:
                 raise ValueError(f"{where}: device {d} is in both {seen[d]}.devices and {spec.where}.devices")
             seen[d] = spec.where
     return MeshPreset(
+        length_buckets=_buckets(data, "length_buckets", where, top=max_seq_len, multiple=page_size),
         name=str(data.get("name", Path(where).stem)),
         page_size=page_size,
         max_seq_len=max_seq_len,
