@@ -15,10 +15,12 @@ plots. Bad flags print one line to stderr and exit with status 2.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
+import grpc
 from absl import app, flags
 
 from jdisagg import platform
@@ -89,6 +91,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _fail(str(e))
 
 
+def _need_matplotlib() -> None:
+    if importlib.util.find_spec("matplotlib") is None:
+        _fail("plots need matplotlib: pip install 'jdisagg[bench]'")
+
+
 def _config():
     from jdisagg.bench.loadgen import BenchConfig
     from jdisagg.bench.stats import Slo
@@ -135,6 +142,8 @@ def run(args: list[str]) -> None:
         _fail("--model needs --mesh")
     if target and mesh:
         _fail("--mesh goes with --model; a --target server has its own")
+    if plots_dir:
+        _need_matplotlib()
     config = _config()
     try:
         config.validate()
@@ -148,6 +157,8 @@ def run(args: list[str]) -> None:
         _fail(str(e))
     except RuntimeError as e:
         _fail(str(e), 1)
+    except grpc.RpcError as e:
+        _fail(f"{e.code().name}: {e.details()}", 1)
     print(stats.format_table(result), flush=True)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -166,6 +177,7 @@ def plot(args: list[str]) -> None:
         _fail("plot takes result JSON files: plot a.json b.json --out fig.png")
     if not out:
         _fail("plot needs --out FILE.png")
+    _need_matplotlib()
     results = []
     for path in args:
         try:

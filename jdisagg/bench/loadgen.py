@@ -176,7 +176,12 @@ async def plan_points(client: AsyncClient, config: BenchConfig, vocab_size: int,
             entries = entries[: c.num_requests]
         ids = []
         for e in entries:  # the server's tokenizer counts a text prompt's tokens
-            ids.append(None if e.prompt is None else list((await client.tokenize(e.prompt)).token_ids))
+            try:
+                ids.append(None if e.prompt is None else list((await client.tokenize(e.prompt)).token_ids))
+            except grpc.aio.AioRpcError as err:
+                raise ValueError(
+                    f"cannot tokenize the trace's text prompts: {err.code().name}: {err.details()}"
+                ) from None
         requests = workloads.trace_requests(entries, ids, c.seed, vocab_size, max_seq_len)
         arrivals = workloads.trace_arrivals(entries, c.trace_speed)
         span = float(arrivals[-1])

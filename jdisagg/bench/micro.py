@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -53,6 +54,7 @@ from absl import app, flags
 
 from jdisagg import cards, kv_transfer, model, platform, sharding
 from jdisagg.decode import DecodeRunner
+from jdisagg.engine import auto_pages
 from jdisagg.pages import pages_for
 from jdisagg.prefill import PrefillRunner, length_buckets
 from jdisagg.preset import InstanceSpec, MeshPreset, load_preset
@@ -62,6 +64,7 @@ BENCHMARKS = ("ceilings", "prefill", "decode", "transfer", "pp")
 # Prefill batches (B, T) holding 128..8192 prompt tokens; kept when they fit the instance's budget.
 PREFILL_SHAPES = ((1, 128), (1, 512), (4, 128), (1, 2048), (4, 512), (8, 512), (16, 256), (2, 2048), (4, 2048))
 WARMUP = 2
+MAX_BATCH = 64
 
 
 class _Flag:
@@ -104,7 +107,7 @@ class Options:
     mesh: str = ""  # "": gpu-N for N GPUs, cpu-tp4-pp2tp2 on CPU
     prefill_shapes: tuple[tuple[int, int], ...] = ()  # (): PREFILL_SHAPES within the instance's budget
     decode_batches: tuple[int, ...] = ()  # (): the decode instance's batch buckets
-    decode_contexts: tuple[int, ...] = (128, 512, 2048)  # those under the preset's max_seq_len run
+    decode_contexts: tuple[int, ...] = (128, 512, 2048)  # each at most the preset's max_seq_len - 1
     transfer_lengths: tuple[int, ...] = (128, 512, 2048)  # those within the largest length bucket run
     pp_batch: int = 0  # 0: the decode instance's max_batch
     pp_context: int = 512
@@ -119,7 +122,7 @@ class Row:
     bench: str
     name: str
     shape: str
-    time_ms: float
+    timing: dataclasses.InitVar[Timing]
     achieved: float
     limit: float
     unit: str
@@ -128,6 +131,11 @@ class Row:
     bytes: int = 0  # fewest bytes read per call (decode, pp) or moved (transfer, ceilings)
     tokens: int = 0  # tokens per call (prefill: prompt tokens; decode, pp: one per request)
     note: str = ""
+    time_ms: float = dataclasses.field(init=False)  # Timing.seconds
+    blocked_ms: float = dataclasses.field(init=False)  # Timing.blocked
+
+    def __post_init__(self, timing: Timing):
+        self.time_ms, self.blocked_ms = timing.seconds * 1e3, timing.blocked * 1e3
 
     @property
     def ratio(self) -> float:
@@ -149,16 +157,39 @@ def _progress(message: str) -> None:
     print(f"jdisagg.bench.micro: {message}", file=sys.stderr, flush=True)
 
 
-def median_seconds(call: Callable[[], object], repeats: int, warmup: int = WARMUP) -> float:
-    """Median wall time of ``call()``, each blocked until its outputs are ready, after ``warmup`` calls."""
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Seconds per call: ``seconds`` from back-to-back calls waited for once per batch (the
+    device's time, or the host's dispatch time where that is longer); ``blocked`` from calls
+    waited for one by one, which adds the host's wait for the device to each call."""
+
+    seconds: float
+    blocked: float
+
+
+def measure(call: Callable[[], object], repeats: int, warmup: int = WARMUP) -> Timing:
+    """Medians over ``repeats`` samples after ``warmup`` calls. A back-to-back batch runs
+    enough calls to last about 0.1 s (0.01 s on CPU), so the wait at its end (about 1 ms
+    on the lent GPU machines) adds little; each call's outputs replace the last one's."""
+    batch_s = 0.01 if jax.default_backend() == "cpu" else 0.1
     for _ in range(warmup):
         jax.block_until_ready(call())
-    times = []
-    for _ in range(max(repeats, 1)):
+    repeats = max(repeats, 1)
+    blocked = []
+    for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(call())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        blocked.append(time.perf_counter() - start)
+    one = float(np.median(blocked))
+    calls = min(max(math.ceil(batch_s / one), 1), MAX_BATCH)
+    per_call = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = call()  # calls on the same devices run in order: the last one ends the batch
+        jax.block_until_ready(out)
+        per_call.append((time.perf_counter() - start) / calls)
+    return Timing(float(np.median(per_call)), one)
 
 
 # ---- ceilings ----------------------------------------------------------------------------
@@ -178,15 +209,14 @@ def measure_ceilings(dtype: str, repeats: int) -> tuple[Ceilings, list[Row]]:
     matmul = jax.jit(lambda a, b: a @ b)
     scale = jax.jit(lambda x: x * 1.5 + 0.5)  # reads x once, writes one array of its size
     _progress(f"ceilings: {n}^3 {dtype} matmul, {x.nbytes / 2**20:.0f} MiB copy on {device}")
-    t_mm = median_seconds(lambda: matmul(a, b), repeats)
-    t_copy = median_seconds(lambda: scale(x), repeats)
+    t_mm, t_copy = measure(lambda: matmul(a, b), repeats), measure(lambda: scale(x), repeats)
     flops, moved = 2.0 * n**3, 2 * x.nbytes
-    tflops, gbps = flops / t_mm / 1e12, moved / t_copy / 1e9
+    tflops, gbps = flops / t_mm.seconds / 1e12, moved / t_copy.seconds / 1e9
     rows = [  # a ceiling is its own limit
-        Row("ceilings", "matmul", f"{n}x{n}x{n} {dtype}", t_mm * 1e3, tflops, tflops, "TFLOP/s", flops=flops),
-        Row("ceilings", "copy", f"{x.nbytes >> 20} MiB {dtype}", t_copy * 1e3, gbps, gbps, "GB/s", bytes=moved),
+        Row("ceilings", "matmul", f"{n}x{n}x{n} {dtype}", t_mm, tflops, tflops, "TFLOP/s", flops=flops),
+        Row("ceilings", "copy", f"{x.nbytes >> 20} MiB {dtype}", t_copy, gbps, gbps, "GB/s", bytes=moved),
     ]
-    return Ceilings(flops / t_mm, moved / t_copy), rows
+    return Ceilings(flops / t_mm.seconds, moved / t_copy.seconds), rows
 
 
 # ---- set-up shared by the benchmarks -------------------------------------------------------
@@ -216,7 +246,7 @@ def weight_bytes_read(cfg, abstract: dict) -> int:
 
 
 class Bench:
-    """The model and preset under test, the measured ceilings, and the runners built so far."""
+    """The model and preset under test, the measured ceilings, and the weights placed so far."""
 
     def __init__(self, options: Options):
         self.options = options
@@ -230,10 +260,10 @@ class Bench:
         self.layer_params = sum(x.size for x in jax.tree_util.tree_leaves(self.abstract["layers"]))
         self.weight_bytes = weight_bytes_read(self.cfg, self.abstract)
         self.prefill_spec, self.decode_spec = self.preset.prefill[0], self.preset.decode[0]
-        self.length_buckets = length_buckets(self.preset.max_seq_len, self.preset.page_size)
+        preset = self.preset
+        self.length_buckets = preset.length_buckets or length_buckets(preset.max_seq_len, preset.page_size)
         self.ceilings: Ceilings | None = None
         self._prefill: PrefillRunner | None = None
-        self._decode: DecodeRunner | None = None
         self._weights: dict | None = None  # the first placement, source of the others
 
     def place(self, devices: list, pp: int, tp: int, rules):
@@ -248,6 +278,7 @@ class Bench:
 
     @property
     def prefill_runner(self) -> PrefillRunner:
+        """The preset's first prefill instance, built once (as the engine builds it)."""
         if self._prefill is None:
             spec = self.prefill_spec
             mesh, params = self.place([self.devices[i] for i in spec.devices], spec.pp, spec.tp, spec.rules)
@@ -259,35 +290,28 @@ class Bench:
                 length_buckets=self.length_buckets,
                 max_batch=spec.max_batch,
                 token_budget=spec.token_budget,
+                batch_buckets=spec.batch_buckets,
             )
         return self._prefill
 
-    def decode_runner_for(self, spec: InstanceSpec, devices: list, n_pages: int) -> DecodeRunner:
-        mesh, params = self.place(devices, spec.pp, spec.tp, spec.rules)
+    def decode_runner(self, spec: InstanceSpec, n_pages: int = 0) -> DecodeRunner:
+        """A decode instance of ``spec`` (as the engine builds it) with a pool of ``n_pages``
+        (0: the preset's, or sized from free memory) filled with non-zero KV."""
+        mesh, params = self.place([self.devices[i] for i in spec.devices], spec.pp, spec.tp, spec.rules)
         runner = DecodeRunner(
             self.cfg,
             params,
             mesh,
             spec.rules,
             max_batch=spec.max_batch,
-            n_pages=n_pages,
+            n_pages=n_pages or spec.pages or auto_pages(self.cfg, mesh, spec, self.preset),
             page_size=self.preset.page_size,
             max_seq_len=self.preset.max_seq_len,
             micro_batches=spec.micro_batches,
+            batch_buckets=spec.batch_buckets,
         )
         fill_pages(runner)
         return runner
-
-    @property
-    def decode_runner(self) -> DecodeRunner:
-        if self._decode is None:
-            spec = self.decode_spec
-            self._decode = self.decode_runner_for(spec, [self.devices[i] for i in spec.devices], spec.pages)
-        return self._decode
-
-    def release(self) -> None:
-        """Drops the runners (their weights and page pools) to make room."""
-        self._prefill = self._decode = None
 
     def decode_bytes(self, batch: int, context: int) -> int:
         return self.weight_bytes + self.cfg.kv_bytes_per_token(self.itemsize) * context * batch
@@ -302,7 +326,10 @@ def fill_pages(runner: DecodeRunner) -> None:
         return jnp.sin(x + phase).astype(dtype)
 
     fill = jax.jit(pattern, out_shardings=runner.pages_sharding)
-    runner.k_pages, runner.v_pages = fill(0.0), fill(1.0)
+    runner.k_pages.delete()  # one pool's worth of memory at a time: a sized-from-memory pool fills the devices
+    runner.k_pages = fill(0.0)
+    runner.v_pages.delete()
+    runner.v_pages = fill(1.0)
 
 
 def replicated(mesh, *arrays):
@@ -339,15 +366,15 @@ def bench_prefill(b: Bench) -> list[Row]:
         lengths = np.full((batch,), length, np.int32)
         args = replicated(runner.mesh, tokens, lengths, SamplingArrays.of([SamplingParams()] * batch, batch))
         _progress(f"prefill B={batch} T={length}")
-        seconds = median_seconds(lambda args=args: runner._step(runner.params, *args), b.options.repeats)
+        t = measure(lambda args=args: runner._step(runner.params, *args), b.options.repeats)
         flops = prefill_flops(b, batch, length)
         rows.append(
             Row(
                 "prefill",
                 f"prefill tp={b.prefill_spec.tp}",
                 f"B={batch} T={length}",
-                seconds * 1e3,
-                flops / seconds / 1e12,
+                t,
+                flops / t.seconds / 1e12,
                 b.ceilings.matmul_flops * n_dev / 1e12,
                 "TFLOP/s",
                 devices=n_dev,
@@ -361,57 +388,62 @@ def bench_prefill(b: Bench) -> list[Row]:
 # ---- decode ----------------------------------------------------------------------------------
 
 
-def time_decode(runner: DecodeRunner, batch: int, context: int, repeats: int) -> float:
-    """Median seconds of one decode step: ``batch`` requests at position ``context``, each
-    with its own ``context + 1`` positions of pages (distinct, shuffled)."""
+def time_decode(runner: DecodeRunner, batch: int, context: int, repeats: int) -> tuple[Timing, tuple[int, int]]:
+    """One decode step for ``batch`` requests at position ``context``, each with its own
+    ``context + 1`` positions of pages (distinct, shuffled); inputs padded as the runner
+    pads them. Returns the timing and the page table's shape [batch bucket, width bucket]."""
     per_seq = pages_for(context + 1, runner.page_size)
     pages = np.random.default_rng(batch * 100003 + context).permutation(np.arange(1, runner.n_pages))
-    table = np.zeros((batch, runner.max_pages_per_seq), np.int32)  # NULL_PAGE past each request's pages
-    table[:, :per_seq] = pages[: batch * per_seq].reshape(batch, per_seq)
-    tokens = np.random.default_rng(context).integers(0, runner.cfg.vocab_size, (batch,), dtype=np.int32)
-    positions = np.full((batch,), context, np.int32)
-    args = replicated(runner.mesh, tokens, positions, table, SamplingArrays.of([SamplingParams()] * batch, batch))
+    tables = pages[: batch * per_seq].reshape(batch, per_seq).tolist()
+    tokens = np.random.default_rng(context).integers(0, runner.cfg.vocab_size, batch).tolist()
+    tokens_b, pos_b, table_bp = runner._rows(tokens, [context] * batch, tables)
+    sampling = SamplingArrays.of([SamplingParams()] * len(tokens_b), len(tokens_b))
+    args = replicated(runner.mesh, tokens_b, pos_b, table_bp, sampling)
 
     def call():
         sampled, runner.k_pages, runner.v_pages = runner._step(runner.params, runner.k_pages, runner.v_pages, *args)
         return sampled, runner.k_pages, runner.v_pages
 
-    return median_seconds(call, repeats)
+    return measure(call, repeats), table_bp.shape
 
 
-def fits(runner: DecodeRunner, batch: int, context: int) -> bool:
+def why_not(runner: DecodeRunner, batch: int, context: int) -> str:
+    """Why ``batch`` requests of ``context`` tokens cannot run on ``runner`` ("" if they can)."""
     per_seq = pages_for(context + 1, runner.page_size)
-    return per_seq <= runner.max_pages_per_seq and batch * per_seq <= runner.n_pages - 1
+    if batch > runner.batch_buckets[-1]:
+        return f"over the largest batch bucket {runner.batch_buckets[-1]}"
+    if batch * per_seq > runner.n_pages - 1:
+        return f"needs {batch * per_seq} pages; the pool has {runner.n_pages - 1}"
+    return ""
 
 
 def bench_decode(b: Bench) -> list[Row]:
-    runner, spec = b.decode_runner, b.decode_spec
-    n_dev = len(spec.devices)
-    batches = sorted({-(-x // runner.micro) * runner.micro for x in (b.options.decode_batches or runner.batch_buckets)})
+    spec = b.decode_spec
+    runner, n_dev = b.decode_runner(spec), len(spec.devices)
+    batches = sorted(set(b.options.decode_batches or runner.batch_buckets))
+    contexts = sorted({min(c, b.preset.max_seq_len - 1) for c in b.options.decode_contexts})  # room for the new token
     rows = []
-    for context in b.options.decode_contexts:
+    for context in contexts:
         for batch in batches:
-            if not fits(runner, batch, context):
-                _progress(
-                    f"decode B={batch} S={context}: skipped (needs {pages_for(context + 1, runner.page_size)} pages "
-                    f"per request; the pool has {runner.n_pages - 1}, max_seq_len {b.preset.max_seq_len})"
-                )
+            if reason := why_not(runner, batch, context):
+                _progress(f"decode B={batch} S={context}: skipped ({reason})")
                 continue
             _progress(f"decode B={batch} S={context}")
-            seconds = time_decode(runner, batch, context, b.options.repeats)
+            t, (bucket, width) = time_decode(runner, batch, context, b.options.repeats)
             nbytes = b.decode_bytes(batch, context)
             rows.append(
                 Row(
                     "decode",
                     f"decode pp={spec.pp} tp={spec.tp} micro={runner.micro}",
-                    f"B={batch} S={context}",
-                    seconds * 1e3,
-                    nbytes / seconds / 1e9,
+                    f"B={batch} S={context}" + (f" (bucket {bucket})" if bucket != batch else ""),
+                    t,
+                    nbytes / t.seconds / 1e9,
                     b.ceilings.copy_bytes * n_dev / 1e9,
                     "GB/s",
                     devices=n_dev,
                     bytes=nbytes,
                     tokens=batch,
+                    note=f"gathers {width} pages of {b.preset.page_size} per request; pool {runner.n_pages} pages",
                 )
             )
     return rows
@@ -435,7 +467,10 @@ def bench_transfer(b: Bench) -> list[Row]:
     if set(b.prefill_spec.devices) == set(b.decode_spec.devices):
         _progress("transfer: skipped (prefill and decode share their devices in this preset)")
         return []
-    prefill, dst = b.prefill_runner, b.decode_runner.prefix_sharding
+    spec = b.decode_spec
+    # Where DecodeRunner asks for a prefix (its prefix_sharding), without allocating its page pool.
+    mesh = sharding.make_mesh([b.devices[i] for i in spec.devices], spec.pp, spec.tp)
+    prefill, dst = b.prefill_runner, sharding.named_sharding(mesh, sharding.PREFIX_AXES, spec.rules)
     src_device, dst_device = b.devices[b.prefill_spec.devices[0]], b.devices[b.decode_spec.devices[0]]
     rng = np.random.default_rng(1)
     rows = []
@@ -448,25 +483,22 @@ def bench_transfer(b: Bench) -> list[Row]:
         # The same bytes on one device, moved to one device: the reference.
         single = jax.device_put((prefix.k, prefix.v), src_device)
         _progress(f"transfer T={length} ({nbytes / 2**20:.1f} MiB, bucket {shape[1]})")
-        t_single = median_seconds(lambda single=single: jax.device_put(single, dst_device), b.options.repeats)
-        t_transfer = median_seconds(lambda p=prefix: kv_transfer.transfer(p, dst), b.options.repeats)
-        t_naive = median_seconds(lambda p=prefix: jax.device_put((p.k, p.v), dst), b.options.repeats)
-        limit = nbytes / t_single / 1e9
+        t_single = measure(lambda single=single: jax.device_put(single, dst_device), b.options.repeats)
+        t_transfer = measure(lambda p=prefix: kv_transfer.transfer(p, dst), b.options.repeats)
+        t_naive = measure(lambda p=prefix: jax.device_put((p.k, p.v), dst), b.options.repeats)
+        limit = nbytes / t_single.seconds / 1e9
         note = split_note(prefix.k.sharding, dst, shape)
-        for name, seconds, n_dev in (
-            ("kv_transfer.transfer", t_transfer, len(b.decode_spec.devices)),
-            ("device_put mesh->mesh", t_naive, len(b.decode_spec.devices)),
-        ):
+        for name, t in (("kv_transfer.transfer", t_transfer), ("device_put mesh->mesh", t_naive)):
             rows.append(
                 Row(
                     "transfer",
                     name,
                     f"T={shape[1]} [L,T,K,H]={list(shape)} x2",
-                    seconds * 1e3,
-                    nbytes / seconds / 1e9,
+                    t,
+                    nbytes / t.seconds / 1e9,
                     limit,
                     "GB/s",
-                    devices=n_dev,
+                    devices=len(b.decode_spec.devices),
                     bytes=nbytes,
                     tokens=shape[1],
                     note=f"{note}; limit: device_put {src_device.id}->{dst_device.id} of the same bytes",
@@ -479,21 +511,22 @@ def bench_transfer(b: Bench) -> list[Row]:
 
 
 def bench_pp(b: Bench) -> list[Row]:
-    b.release()  # room for two more copies of the weights
     spec, cfg = b.decode_spec, b.cfg
-    if cfg.n_layers % 2:
-        _progress(f"pp: skipped (the model's {cfg.n_layers} layers do not split into 2 stages)")
+    if cfg.n_layers % 2 or len(b.devices) < 2:
+        _progress(f"pp: skipped ({cfg.n_layers} layers on {len(b.devices)} device(s); needs 2 stages)")
         return []
-    order = [b.devices[i] for i in spec.devices] + [d for d in b.devices if d.id not in spec.devices]
+    order = [*spec.devices, *(i for i in range(len(b.devices)) if i not in spec.devices)]
     batch = -(-(b.options.pp_batch or spec.max_batch) // 2) * 2
     context = min(b.options.pp_context, b.preset.max_seq_len - 1)
     n_pages = batch * pages_for(context + 1, b.preset.page_size) + 1
     rows = []
-    for pp, devices in ((1, order[:1]), (2, order[:2])):
-        one = dataclasses.replace(spec, devices=tuple(d.id for d in devices), pp=pp, tp=1, micro_batches=pp)
-        runner = b.decode_runner_for(one, devices, n_pages)
-        _progress(f"pp={pp} on devices {[d.id for d in devices]}: B={batch} S={context}")
-        seconds = time_decode(runner, batch, context, b.options.repeats)
+    for pp in (1, 2):
+        one = dataclasses.replace(
+            spec, devices=tuple(order[:pp]), pp=pp, tp=1, micro_batches=pp, max_batch=batch, batch_buckets=(batch,)
+        )
+        runner = b.decode_runner(one, n_pages)
+        _progress(f"pp={pp} on devices {list(one.devices)}: B={batch} S={context}")
+        t, _ = time_decode(runner, batch, context, b.options.repeats)
         del runner
         nbytes = b.decode_bytes(batch, context)
         rows.append(
@@ -501,14 +534,14 @@ def bench_pp(b: Bench) -> list[Row]:
                 "pp",
                 f"decode pp={pp} micro={pp}",
                 f"B={batch} S={context}",
-                seconds * 1e3,
-                batch / seconds,
+                t,
+                batch / t.seconds,
                 batch * b.ceilings.copy_bytes * pp / nbytes,
                 "tok/s",
                 devices=pp,
                 bytes=nbytes,
                 tokens=batch,
-                note=f"{batch / seconds / pp:.1f} tok/s per device",
+                note=f"{batch / t.seconds / pp:.1f} tok/s per device",
             )
         )
     return rows
@@ -518,13 +551,14 @@ def bench_pp(b: Bench) -> list[Row]:
 
 
 def print_table(rows: list[Row], out=sys.stdout) -> None:
-    header = ("bench", "name", "shape", "ms", "achieved", "limit", "unit", "ratio", "note")
+    header = ("bench", "name", "shape", "ms", "blocked ms", "achieved", "limit", "unit", "ratio", "note")
     cells = [
         (
             r.bench,
             r.name,
             r.shape,
             f"{r.time_ms:.3f}",
+            f"{r.blocked_ms:.3f}",
             f"{r.achieved:.4g}",
             f"{r.limit:.4g}",
             r.unit,

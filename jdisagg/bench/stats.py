@@ -201,7 +201,7 @@ def format_table(result: dict) -> str:
     """The terminal table of a result: one row per rate point, latencies in milliseconds."""
     head = (
         f"{'rate':>8} {'rate/GPU':>9} {'attain':>7} {'TTFT p50':>9} {'p90':>8} {'p99':>8} "
-        f"{'TPOT p50':>9} {'p90':>8} {'p99':>8} {'req/s':>7} {'tok/s':>8} {'failed':>6}"
+        f"{'TPOT p50':>9} {'p90':>8} {'p99':>8} {'req/s':>7} {'tok/s':>8} {'failed':>6} {'clipped':>7}"
     )
     rows = [head]
     for p in result["points"]:
@@ -210,14 +210,14 @@ def format_table(result: dict) -> str:
         rows.append(
             f"{p['rate']:>8.3g} {p['per_gpu_rate']:>9.3g} {p['attainment']:>7.1%} {ms[0]:>9} {ms[1]:>8} {ms[2]:>8} "
             f"{ms[3]:>9} {ms[4]:>8} {ms[5]:>8} {_num(tput['requests_per_s']):>7} "
-            f"{_num(tput['output_tokens_per_s']):>8} {p['num_requests'] - p['num_ok']:>6}"
+            f"{_num(tput['output_tokens_per_s'], '.0f'):>8} {p['num_requests'] - p['num_ok']:>6} {p['num_clipped']:>7}"
         )
     g = result["goodput"]
     bound = ">= " if g["lower_bound"] else ""
     rows.append(
         f"goodput at {result['target_attainment']:.0%} attainment (TTFT <= {result['slo']['ttft_s']:g}s, "
         f"TPOT <= {result['slo']['tpot_s']:g}s): {bound}{g['rate']:.3g} req/s = {bound}{g['per_gpu']:.3g} req/s/GPU "
-        f"({result['gpus']} GPUs)"
+        f"({result['gpus']} GPU{'s' if result['gpus'] != 1 else ''})"
     )
     return "\n".join(rows)
 
@@ -226,5 +226,5 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.1f}"
 
 
-def _num(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3g}"
+def _num(x: float | None, spec: str = ".3g") -> str:
+    return "-" if x is None else format(x, spec)

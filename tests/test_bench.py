@@ -1,0 +1,233 @@
+"""jdisagg.bench: metrics against hand-computed cases, workload statistics, and a short real run."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jdisagg.bench import stats, workloads
+from jdisagg.bench.stats import RequestResult, Slo
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _bench(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "jdisagg.bench", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _req(sent, times, error="", out_len=None):
+    return RequestResult(input_len=4, output_len=out_len or len(times), sent=sent, token_times=list(times), error=error)
+
+
+# ---- metrics --------------------------------------------------------------------------------
+
+
+def test_per_request_latencies():
+    r = _req(1.0, [1.5, 1.7, 1.7, 2.1])  # tokens 2 and 3 came in one message
+    assert stats.ttft(r) == pytest.approx(0.5)
+    assert stats.tpot(r) == pytest.approx(0.6 / 3)
+    assert stats.itls(r) == pytest.approx([0.2, 0.0, 0.4])
+    assert stats.e2e(r) == pytest.approx(1.1)
+
+
+def test_one_token_outputs_meet_tpot_and_leave_tpot_stats():
+    one = _req(0.0, [0.3])
+    assert stats.tpot(one) is None and stats.itls(one) == []
+    assert stats.meets_slo(one, Slo(ttft_s=0.5, tpot_s=1e-9))
+    two = _req(0.0, [0.1, 0.5])
+    summary = stats.summarize_point(1.0, [one, two], Slo(1.0, 1.0), gpus=1)
+    assert summary["tpot"]["count"] == 1 and summary["tpot"]["mean"] == pytest.approx(0.4)
+    assert summary["ttft"]["count"] == 2 and summary["ttft"]["mean"] == pytest.approx(0.2)
+
+
+def test_attainment_counts_failures_as_misses():
+    slo = Slo(ttft_s=0.5, tpot_s=0.125)  # times below are exact binary fractions
+    results = [
+        _req(0.0, [0.25, 0.3125, 0.375]),  # hit
+        _req(1.0, [1.5, 1.625]),  # hit: TTFT and TPOT exactly at the SLO
+        _req(0.0, [0.75, 0.875]),  # TTFT miss
+        _req(0.0, [0.125, 0.5, 0.875]),  # TPOT miss (0.375)
+        _req(0.0, [], error="UNAVAILABLE"),  # failed
+        _req(0.0, [0.1, 0.2], error="INTERNAL"),  # failed mid-stream
+    ]
+    assert [stats.meets_slo(r, slo) for r in results] == [True, True, False, False, False, False]
+    assert stats.attainment(results, slo) == pytest.approx(2 / 6)
+    summary = stats.summarize_point(2.0, results, slo, gpus=1)
+    assert summary["num_ok"] == 4 and summary["errors"] == {"UNAVAILABLE": 1, "INTERNAL": 1}
+
+
+def test_goodput_interpolates_between_bracketing_points():
+    g = stats.goodput([1, 2, 4], [1.0, 0.95, 0.5], 0.9)
+    assert g.rate == pytest.approx(2 + (0.95 - 0.9) / (0.95 - 0.5) * 2) and not g.lower_bound
+    assert g.rate == pytest.approx(2.2222, abs=1e-4)
+    assert stats.goodput([4, 1, 2], [0.5, 1.0, 0.95]).rate == pytest.approx(g.rate)  # order does not matter
+    assert stats.goodput([1, 2, 4], [0.8, 0.5, 0.1]) == stats.Goodput(0.0, lower_bound=False)
+    assert stats.goodput([1, 2, 4], [1.0, 0.99, 0.9]) == stats.Goodput(4, lower_bound=True)
+    assert stats.goodput([1, 2, 4, 8], [1.0, 0.8, 0.95, 0.2]).rate == pytest.approx(1 + 0.1 / 0.2)  # first crossing
+    with pytest.raises(ValueError):
+        stats.goodput([1, 2], [1.0])
+
+
+def test_percentiles_and_per_gpu_rate():
+    d = stats.distribution([5, 1, 4, 2, 3])
+    assert d == {"count": 5, "mean": 3.0, "p50": 3.0, "p90": pytest.approx(4.6), "p99": pytest.approx(4.96)}
+    assert stats.distribution([])["p99"] is None
+    summary = stats.summarize_point(8.0, [_req(0.0, [0.1, 0.2])], Slo(1, 1), gpus=4)
+    assert summary["per_gpu_rate"] == 2.0
+
+
+def test_server_breakdown_sums_and_means():
+    a, b, failed = _req(0, [1]), _req(0, [1]), _req(0, [], error="CANCELLED")
+    a.server = dict(queue_s=0.1, prefill_s=0.2, transfer_s=0.01, transfer_bytes=100, decode_queue_s=0.0, preemptions=1)
+    b.server = dict(queue_s=0.3, prefill_s=0.4, transfer_s=0.03, transfer_bytes=300, decode_queue_s=0.2, preemptions=0)
+    s = stats.server_breakdown([a, b, failed])
+    assert s["count"] == 2
+    assert s["sum"] == pytest.approx(
+        dict(queue_s=0.4, prefill_s=0.6, transfer_s=0.04, transfer_bytes=400, decode_queue_s=0.2, preemptions=1)
+    )
+    assert s["mean"]["transfer_bytes"] == 200 and s["mean"]["queue_s"] == pytest.approx(0.2)
+
+
+# ---- workloads ------------------------------------------------------------------------------
+
+
+def test_code_is_humaneval():
+    try:
+        pairs = workloads.code_lengths()
+    except RuntimeError as e:  # no network and no cached copy
+        pytest.skip(f"HumanEval unavailable: {e}")
+    inputs, outputs = np.array(pairs).T
+    assert len(pairs) == 164
+    # SmolLM2's tokenizer: prompts mean 139.3 (40..395), canonical solutions mean 58.9 (6..268).
+    assert inputs.mean() == pytest.approx(139.3, abs=1.0) and (inputs.min(), inputs.max()) == (40, 395)
+    assert outputs.mean() == pytest.approx(58.9, abs=1.0) and (outputs.min(), outputs.max()) == (6, 268)
+    lengths = workloads.lengths_for("code", 328, seed=3)
+    assert sorted(lengths[:164]) == sorted(pairs) and lengths[164:] == lengths[:164]
+
+
+def test_chat_and_summarize_distributions():
+    chat = np.array(workloads.sample_chat(40_000, np.random.default_rng(0)))
+    assert (chat >= 1).all() and (chat.sum(axis=1) < 2048).all()
+    assert chat[:, 0].mean() == pytest.approx(477, rel=0.03) and np.median(chat[:, 0]) == pytest.approx(364, rel=0.03)
+    assert chat[:, 1].mean() == pytest.approx(226, rel=0.03) and np.median(chat[:, 1]) == pytest.approx(157, rel=0.03)
+    summ = np.array(workloads.sample_summarize(20_000, np.random.default_rng(0)))
+    assert summ[:, 0].min() >= 1500 and summ[:, 0].max() <= 2000 and summ[:, 0].mean() == pytest.approx(1750, abs=5)
+    assert summ[:, 1].min() >= 16 and summ[:, 1].max() <= 48 and summ[:, 1].mean() == pytest.approx(32, abs=0.3)
+    assert workloads.lengths_for("chat", 10, seed=1) == workloads.lengths_for("chat", 10, seed=1)  # seeded
+
+
+def test_fixed_requests_and_clipping():
+    assert workloads.lengths_for("fixed", 3, 0, input_len=16, output_len=8) == [(16, 8)] * 3
+    assert workloads.clip(100, 20, 512) == (100, 20, False)
+    assert workloads.clip(1800, 30, 512) == (482, 30, True)  # the prompt is cut, the output kept
+    assert workloads.clip(10, 600, 512) == (1, 511, True)
+    requests = workloads.make_requests([(16, 8), (600, 10)], seed=0, vocab_size=256, max_seq_len=512)
+    assert [(r.input_len, r.output_len, r.clipped) for r in requests] == [(16, 8, False), (502, 10, True)]
+    ids = np.concatenate([r.prompt for r in requests])
+    assert len(requests[1].prompt) == 502 and ids.min() >= 3 and ids.max() < 256
+
+
+def test_trace_files(tmp_path):
+    path = tmp_path / "t.jsonl"
+    lines = [
+        {"timestamp": 12.0, "input_len": 5, "output_len": 2},
+        {"timestamp": 10.0, "prompt": "hello there", "output_len": 3},
+        {"timestamp": 11.0, "input_len": 700, "output_len": 4},
+    ]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    entries = workloads.read_trace(path)
+    assert [e.timestamp for e in entries] == [10.0, 11.0, 12.0] and entries[0].prompt == "hello there"
+    assert workloads.trace_arrivals(entries, speed=2.0).tolist() == [0.0, 0.5, 1.0]
+    requests = workloads.trace_requests(entries, [[7, 8], None, None], seed=0, vocab_size=256, max_seq_len=512)
+    assert requests[0].prompt == "hello there" and requests[0].input_len == 2  # text goes as text
+    assert (requests[1].input_len, requests[1].output_len, requests[1].clipped) == (508, 4, True)
+    long_text = workloads.trace_requests(entries[:1], [list(range(3, 600))], 0, 256, 512)[0]
+    assert long_text.prompt == list(range(3, 512)) and long_text.clipped  # cut text goes as ids
+    for bad, message in [
+        ('{"timestamp": 1, "output_len": 2}', "exactly one"),
+        ('{"timestamp": 1, "input_len": 2}', "needs"),
+        ("not json", "not JSON"),
+        ('{"timestamp": -1, "input_len": 2, "output_len": 2}', "timestamp"),
+    ]:
+        path.write_text(bad)
+        with pytest.raises(ValueError, match=message):
+            workloads.read_trace(path)
+
+
+def test_arrival_processes():
+    n = 200_000
+    poisson = np.diff(workloads.arrival_times(4.0, 1.0, seed=0, num_requests=n))
+    assert poisson.mean() == pytest.approx(1 / 4.0, rel=0.01) and poisson.std() / poisson.mean() == pytest.approx(
+        1, rel=0.02
+    )
+    bursty = np.diff(workloads.arrival_times(2.0, 3.0, seed=0, num_requests=n))
+    assert bursty.mean() == pytest.approx(0.5, rel=0.03) and bursty.std() / bursty.mean() == pytest.approx(3, rel=0.05)
+    smooth = np.diff(workloads.arrival_times(2.0, 0.5, seed=0, num_requests=n))
+    assert smooth.std() / smooth.mean() == pytest.approx(0.5, rel=0.02)
+    # one pattern per seed, scaled by 1/rate; a duration takes the prefix that fits
+    a1 = workloads.arrival_times(1.0, 2.0, seed=5, num_requests=50)
+    assert workloads.arrival_times(4.0, 2.0, seed=5, num_requests=50) == pytest.approx(a1 / 4)
+    timed = workloads.arrival_times(1.0, 2.0, seed=5, duration_s=a1[30])
+    assert a1[0] == 0 and len(timed) == 30 and timed == pytest.approx(a1[:30])
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["run", "--target", "127.0.0.1:1", "--model", "tiny-llama", "--rates", "1"], "not both or neither"),
+        (["run", "--model", "tiny-llama", "--rates", "1"], "--model needs --mesh"),
+        (["run", "--target", "127.0.0.1:1", "--workload", "nope", "--rates", "1"], "unknown workload 'nope'"),
+        (["run", "--target", "127.0.0.1:1", "--rates", "1,x"], "comma-separated numbers"),
+        (["run", "--target", "127.0.0.1:1", "--rates", "1", "--cv", "abc"], "cv"),
+        (["run", "--target", "127.0.0.1:1"], "give --rates"),
+        (["run", "--target", "127.0.0.1:1", "--rates", "1", "--duration_s", "5", "--num_requests", "3"], "exactly one"),
+        (["run", "--target", "127.0.0.1:1", "--workload", "trace", "--rates", "1"], "needs --trace"),
+        (["plot", "a.json"], "plot needs --out"),
+        (["bogus"], "give a command"),
+    ],
+)
+def test_bad_flags_exit_2(args, message):
+    proc = _bench(*args, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+
+
+def test_micro_is_dispatched():
+    proc = _bench("micro", "extra", timeout=120)
+    assert proc.returncode == 2 and "jdisagg.bench.micro: error: unexpected arguments" in proc.stderr
+
+
+def test_short_real_run_and_plots(tmp_path):
+    out, plots_dir = tmp_path / "r.json", tmp_path / "plots"
+    proc = _bench(
+        "run", "--model", "tiny-llama", "--mesh", "cpu-tp2-pp2", "--workload", "fixed",
+        "--input_len", "16", "--output_len", "8", "--rates", "20,40", "--num_requests", "12",
+        "--slo_ttft", "10", "--slo_tpot", "10", "--label", "disagg", "--out", str(out),
+        "--plots_dir", str(plots_dir), "--noprogress",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "goodput at 90% attainment" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["label"] == "disagg" and result["gpus"] == 4
+    assert [p["rate"] for p in result["points"]] == [20.0, 40.0]
+    assert [p["per_gpu_rate"] for p in result["points"]] == [5.0, 10.0]
+    assert result["goodput"] == {"rate": 40.0, "per_gpu": 10.0, "lower_bound": True}
+    for point in result["points"]:
+        assert point["attainment"] == 1.0 and point["num_ok"] == 12 and point["errors"] == {}
+        assert len(point["requests"]) == 12
+        assert all(r["num_tokens"] == 8 and r["finish_reason"] == "length" for r in point["requests"])
+        assert point["server"]["count"] == 12 and point["server"]["sum"]["transfer_bytes"] > 0
+        assert 0 < point["ttft"]["p50"] <= point["ttft"]["p99"] < 10
+    overlay = tmp_path / "fig.png"
+    proc = _bench("plot", str(out), str(out), "--out", str(overlay), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for png in (plots_dir / "attainment.png", plots_dir / "latency_cdf.png", overlay):
+        data = png.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000
