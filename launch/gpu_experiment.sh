@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The DistServe experiment on one GPU host: for each system (mesh preset) start
+# `jdisagg.serve`, sweep request rates with `jdisagg.bench` for each workload against it,
+# stop it, then overlay the systems' attainment curves.
+#
+#   launch/gpu_experiment.sh OUT MODEL "SYSTEMS" "WORKLOAD:RATES ..." [SECONDS_PER_RATE] [HUMANEVAL]
+#   launch/gpu_experiment.sh /tmp/exp llama3-8b "gpu-2 gpu-2-colocated gpu-2-chunked" \
+#       "chat:4,8,12,16 code:8,16,24,32" 20
+#
+# SLOs are the DistServe paper's for OPT-13B: chat TTFT 0.25 s / TPOT 0.1 s, code 0.125 s / 0.2 s.
+set -euo pipefail
+out=$1 model=$2 systems=$3 workloads=$4 seconds=${5:-20} humaneval=${6:-}
+mkdir -p "$out"
+port=50051
+for system in $systems; do
+  log="$out/$model.$system.serve.log"
+  python3 -m jdisagg.serve --model "$model" --mesh "$system" --port "$port" --metrics_port 0 >"$log" 2>&1 &
+  pid=$!
+  start=$(date +%s)
+  until grep -q "ready on" "$log"; do
+    kill -0 "$pid" 2>/dev/null || { echo "server for $system died:"; tail -20 "$log"; exit 1; }
+    sleep 1
+  done
+  echo "== $system ready in $(( $(date +%s) - start ))s"
+  for w in $workloads; do
+    name=${w%%:*} rates=${w#*:}
+    case $name in
+      chat) slo=(--slo_ttft 0.25 --slo_tpot 0.1) ;;
+      code) slo=(--slo_ttft 0.125 --slo_tpot 0.2) ;;
+      *) slo=(--slo_ttft 1.0 --slo_tpot 0.1) ;;
+    esac
+    extra=()
+    [[ $name == code && -n $humaneval ]] && extra=(--humaneval_path "$humaneval")
+    python3 -m jdisagg.bench run --target "127.0.0.1:$port" --workload "$name" --rates "$rates" \
+      --duration_s "$seconds" "${slo[@]}" "${extra[@]}" --label "$system" --noprogress \
+      --out "$out/$model.$system.$name.json"
+  done
+  kill -TERM "$pid"
+  wait "$pid" || true
+  port=$((port + 1))
+done
+for w in $workloads; do
+  name=${w%%:*}
+  python3 -m jdisagg.bench plot "$out"/"$model".*."$name".json --out "$out/$model.$name.attainment.png"
+done
