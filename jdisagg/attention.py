@@ -70,24 +70,33 @@ class PagedKV:
     v_pages: jax.Array  # [L, P, Z, K, H]
     page_table: jax.Array  # [B, P_max] int32; NULL_PAGE where unused
 
-    def attend(self, layer, q_btnh, k_btkh, v_btkh, pos_bt):
-        """Writes the new k, v at their positions, then attends over each request's pages."""
+    def write(self, layer, k_btkh, v_btkh, pos_bt) -> PagedKV:
+        """Stores the new k, v at their positions (padding, pos -1, goes to the null page)."""
         z = self.k_pages.shape[2]
         valid = pos_bt >= 0
         page_bt = jnp.where(valid, jnp.take_along_axis(self.page_table, jnp.maximum(pos_bt, 0) // z, 1), NULL_PAGE)
         slot_bt = jnp.where(valid, pos_bt % z, 0)
-        kv = self.replace(
+        return self.replace(
             k_pages=self.k_pages.at[layer, page_bt, slot_bt].set(k_btkh),
             v_pages=self.v_pages.at[layer, page_bt, slot_bt].set(v_btkh),
         )
+
+    def read(self, layer, q_btnh, pos_bt) -> jax.Array:
+        """Attends over each request's pages of ``layer``."""
         b, p_max = self.page_table.shape
-        k_bpzkh = kv.k_pages[layer][self.page_table]  # gather this layer's pages per request
-        v_bpzkh = kv.v_pages[layer][self.page_table]
+        z = self.k_pages.shape[2]
+        k_bpzkh = self.k_pages[layer][self.page_table]  # gather this layer's pages per request
+        v_bpzkh = self.v_pages[layer][self.page_table]
         s = p_max * z
         k_ctx = k_bpzkh.reshape(b, s, *k_bpzkh.shape[-2:])
         v_ctx = v_bpzkh.reshape(b, s, *v_bpzkh.shape[-2:])
         k_pos_bs = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        return attend(q_btnh, k_ctx, v_ctx, causal_mask(pos_bt, k_pos_bs)), kv
+        return attend(q_btnh, k_ctx, v_ctx, causal_mask(pos_bt, k_pos_bs))
+
+    def attend(self, layer, q_btnh, k_btkh, v_btkh, pos_bt):
+        """Writes the new k, v at their positions, then attends over each request's pages."""
+        kv = self.write(layer, k_btkh, v_btkh, pos_bt)
+        return kv.read(layer, q_btnh, pos_bt), kv
 
 
 @struct.dataclass
@@ -106,16 +115,22 @@ class MixedKV:
 
     def attend(self, layer, q_1tnh, k_1tkh, v_1tkh, pos_1t):
         b = self.decode_table.shape[0]
+        # One write for the whole packed row (a single scatter keeps the pool update in
+        # place): each token's row of the page table is its decode request's, or the chunk's.
+        rows_t = jnp.concatenate(
+            [self.decode_table, jnp.broadcast_to(self.chunk_table, (q_1tnh.shape[1] - b, self.chunk_table.shape[1]))]
+        )
+        packed = PagedKV(self.k_pages, self.v_pages, rows_t).write(
+            layer, k_1tkh[0][:, None], v_1tkh[0][:, None], pos_1t[0][:, None]
+        )
 
         def rows(x):  # the decode part as B rows of one token
             return x[0, :b].reshape(b, 1, *x.shape[2:])
 
-        decode = PagedKV(self.k_pages, self.v_pages, self.decode_table)
-        out_d, decode = decode.attend(layer, rows(q_1tnh), rows(k_1tkh), rows(v_1tkh), rows(pos_1t))
-        chunk = PagedKV(decode.k_pages, decode.v_pages, self.chunk_table)
-        out_c, chunk = chunk.attend(layer, q_1tnh[:, b:], k_1tkh[:, b:], v_1tkh[:, b:], pos_1t[:, b:])
+        out_d = packed.replace(page_table=self.decode_table).read(layer, rows(q_1tnh), rows(pos_1t))
+        out_c = packed.replace(page_table=self.chunk_table).read(layer, q_1tnh[:, b:], pos_1t[:, b:])
         out = jnp.concatenate([out_d.reshape(1, b, *out_d.shape[2:]), out_c], axis=1)
-        return out, self.replace(k_pages=chunk.k_pages, v_pages=chunk.v_pages)
+        return out, self.replace(k_pages=packed.k_pages, v_pages=packed.v_pages)
 
 
 def forward_layers(cfg: ModelConfig, layers: dict, x_btd: jax.Array, pos_bt: jax.Array, kv):

@@ -48,10 +48,23 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     server.start()
     logging.info("listening on %s:%d; compiling", _HOST.value, server.port)
-    warm_up = threading.Thread(target=engine.warm_up, daemon=True)
+    failed = []
+
+    def compile_all():
+        try:
+            engine.warm_up()
+        except Exception as e:  # e.g. out of memory: the server must not come up half-compiled
+            logging.exception("warm-up failed")
+            failed.append(e)
+
+    warm_up = threading.Thread(target=compile_all, daemon=True)
     warm_up.start()
     while warm_up.is_alive() and not stop.is_set():
         warm_up.join(0.2)
+    if failed:
+        print(f"jdisagg.serve: error: warm-up failed: {failed[0]}", file=sys.stderr)
+        server.stop()
+        os._exit(1)
     if stop.is_set():  # stopped while compiling: nothing was accepted yet
         logging.info("stopped during warm-up")
         server.stop()

@@ -73,3 +73,40 @@ def test_no_weight_is_gathered():
     )
     biggest = max(n for _, n in collectives)
     assert biggest < smallest_weight_shard, (biggest, smallest_weight_shard, collectives)
+
+
+def test_steps_update_the_page_pool_in_place():
+    """The decode and chunked-prefill steps must not copy the page pool: on an accelerator a
+    copy of a pool sized to the free memory does not fit (seen on an H200 before the mixed
+    step wrote its packed row with one scatter)."""
+    mesh = sharding.make_mesh(jax.devices()[:1], 1, 1)
+    host = init_params(CFG, jax.random.key(0))
+    params = jax.device_put(host, sharding.param_shardings(host, mesh, sharding.DEFAULT_RULES))
+    runner = DecodeRunner(
+        CFG,
+        params,
+        mesh,
+        sharding.DEFAULT_RULES,
+        max_batch=4,
+        n_pages=2000,
+        page_size=8,
+        max_seq_len=64,
+        micro_batches=1,
+        chunk_tokens=16,
+    )
+    b, w = 4, 8
+    common = (
+        runner.params,
+        runner.k_pages,
+        runner.v_pages,
+        np.zeros(b, np.int32),
+        np.zeros(b, np.int32),
+        np.zeros((b, w), np.int32),
+    )
+    step = runner._step.lower(*common, SamplingArrays.of([], b)).compile()
+    chunk = (np.zeros(16, np.int32), np.zeros(16, np.int32), np.zeros((1, w), np.int32), np.int32(0))
+    mixed = runner._mixed.lower(*common, *chunk, SamplingArrays.of([], b + 1)).compile()
+    for compiled in (step, mixed):
+        memory = compiled.memory_analysis()
+        assert memory.temp_size_in_bytes < runner.k_pages.nbytes / 4
+        assert memory.alias_size_in_bytes >= 2 * runner.k_pages.nbytes  # both pools donated and reused
