@@ -165,11 +165,11 @@ class DecodeRunner:
         self.page_size, self.n_pages = page_size, n_pages
         self.max_pages_per_seq = pages_for(max_seq_len, page_size)
         # Page-table widths: a step gathers only as many pages per request as its longest
-        # context needs, rounded up to one of these (x4 apart, to bound the compiled shapes).
-        widths, w = [], 8
+        # context needs, rounded up to one of these (x2 apart from 16 pages).
+        widths, w = [], 16
         while w < self.max_pages_per_seq:
             widths.append(w)
-            w *= 4
+            w *= 2
         self.width_buckets = (*widths, self.max_pages_per_seq)
         stages = mesh.shape["pp"] if rules.get(sharding.LAYERS) == "pp" else 1
         self.stages, self.micro = stages, micro_batches

@@ -57,7 +57,6 @@ class Server:
         port: int = 50051,
         max_queue: int = 1024,
         metrics: Metrics | None = None,
-        handler_threads: int = 64,
     ):
         self.engine, self.max_queue = engine, max_queue
         self.metrics = metrics or Metrics()
@@ -66,7 +65,14 @@ class Server:
         self._stop = threading.Event()
         self._inflight = 0
         self._inflight_lock = threading.Lock()
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(handler_threads))
+        # A stream holds a handler thread for its whole life, so there is one thread for every
+        # request the server can hold (queued, buffered or decoding) plus a few for the small
+        # RPCs; gRPC answers RESOURCE_EXHAUSTED beyond that instead of letting requests wait
+        # unseen for a thread. (64 threads capped an H200 pair at ~64 concurrent streams.)
+        streams = max_queue + sum(d.slots.max_batch for d in engine.decode)
+        self.grpc = grpc.server(
+            futures.ThreadPoolExecutor(streams + 16, thread_name_prefix="grpc"), maximum_concurrent_rpcs=streams + 16
+        )
         pb_grpc.add_GenerationServicer_to_server(_Servicer(self), self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)

@@ -223,3 +223,34 @@ def test_slo_attainment_is_reported(served):
     with pytest.raises(grpc.RpcError) as err:
         _collect(stub, request)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_every_accepted_stream_reaches_the_engine():
+    """A stream holds a handler thread for its whole life: with more open streams than a
+    small thread pool, requests would wait unseen (no queue entry, no status). Here 100
+    streams are opened while the workers are paused; all 100 reach the engine's queue, and
+    all complete with the offline engine's tokens once the workers run."""
+    engine = Engine("tiny-llama", "cpu-tp2-pp2", warm_up=False, progress=False)
+    server = Server(engine, port=0, max_queue=120)
+    server.grpc.start()  # listen, but hold the workers back so requests pile up in the queue
+    server.set_ready()
+    cases = [[5 + i % 200, 6, 7] for i in range(100)]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            with concurrent.futures.ThreadPoolExecutor(100) as pool:
+                futures = [pool.submit(_collect, stub, _request(ids, max_tokens=4, ignore_eos=True)) for ids in cases]
+                deadline = time.time() + 30
+                while len(engine.queue) < len(cases) and time.time() < deadline:
+                    time.sleep(0.05)
+                queued = len(engine.queue)
+                for w in server.workers:
+                    w.start()
+                results = [f.result() for f in futures]
+    finally:
+        server.stop()
+    assert queued == len(cases)
+    expected = Engine("tiny-llama", "cpu-single", warm_up=False, progress=False).generate(
+        cases, SamplingParams(max_tokens=4, ignore_eos=True)
+    )
+    assert [t for t, _ in results] == [e.tokens for e in expected]
