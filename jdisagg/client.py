@@ -308,16 +308,20 @@ class AsyncClient:
 
 # ---- command line ---------------------------------------------------------------------------
 
-_TARGET = flags.DEFINE_string("target", DEFAULT_TARGET, "Server address, host:port.")
-_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 0, "Most tokens to generate; 0 takes the server's default (64).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k cut; 0 keeps all.")
-_SEED = flags.DEFINE_integer("seed", None, "Sampling seed; unset leaves it to the server.")
-_STOP = flags.DEFINE_multi_string("stop", [], "Stop string; repeatable.")
-_IGNORE_EOS = flags.DEFINE_bool("ignore_eos", False, "Keep generating past end-of-sequence tokens.")
-_CHAT = flags.DEFINE_bool("chat", False, "Chat: read one user message per line from stdin until EOF or /exit.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object per response message instead of text.")
+
+def _define_flags() -> None:
+    """The command line's flags; defined only when it runs, so importing the library defines none."""
+    flags.DEFINE_string("target", DEFAULT_TARGET, "Server address, host:port.")
+    flags.DEFINE_integer("max_tokens", 0, "Most tokens to generate; 0 takes the server's default (64).")
+    flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
+    flags.DEFINE_integer("top_k", 0, "Top-k cut; 0 keeps all.")
+    flags.DEFINE_integer("seed", None, "Sampling seed; unset leaves it to the server.")
+    flags.DEFINE_multi_string("stop", [], "Stop string; repeatable.")
+    flags.DEFINE_bool("ignore_eos", False, "Keep generating past end-of-sequence tokens.")
+    flags.DEFINE_bool("chat", False, "Chat: read one user message per line from stdin until EOF or /exit.")
+    flags.DEFINE_bool("json", False, "Print one JSON object per response message instead of text.")
+
 
 _USAGE_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)  # exit 2; other codes exit 1
 
@@ -373,27 +377,27 @@ def main(argv: list[str]) -> None:
     if len(argv) > 2:
         _fail(f"give the prompt as one argument (quote it), not {argv[1:]}")
     prompt = argv[1] if len(argv) == 2 else None
-    if prompt is None and not _CHAT.value:
+    if prompt is None and not flags.FLAGS.chat:
         _fail("give a prompt, or --chat to read messages from stdin")
     sampling = dict(
-        max_tokens=_MAX_TOKENS.value,
-        temperature=_TEMPERATURE.value,
-        top_p=_TOP_P.value,
-        top_k=_TOP_K.value,
-        seed=_SEED.value,
-        stop=_STOP.value,
-        ignore_eos=_IGNORE_EOS.value,
+        max_tokens=flags.FLAGS.max_tokens,
+        temperature=flags.FLAGS.temperature,
+        top_p=flags.FLAGS.top_p,
+        top_k=flags.FLAGS.top_k,
+        seed=flags.FLAGS.seed,
+        stop=flags.FLAGS.stop,
+        ignore_eos=flags.FLAGS.ignore_eos,
     )
     try:
-        with Client(_TARGET.value) as client:
-            if not _CHAT.value:
-                _print_stream(client.generate(prompt, **sampling), _JSON.value, sys.stdout)
+        with Client(flags.FLAGS.target) as client:
+            if not flags.FLAGS.chat:
+                _print_stream(client.generate(prompt, **sampling), flags.FLAGS.json, sys.stdout)
                 return
             messages = []
             opening = [prompt] if prompt is not None else []  # a prompt opens the conversation
             for line in itertools.chain(opening, _user_lines(sys.stdin)):
                 messages.append({"role": "user", "content": line})
-                answer = _print_stream(client.generate(messages, **sampling), _JSON.value, sys.stdout)
+                answer = _print_stream(client.generate(messages, **sampling), flags.FLAGS.json, sys.stdout)
                 messages.append({"role": "assistant", "content": answer})
     except ValueError as e:  # a sampling value the request cannot hold
         _fail(str(e))
@@ -404,4 +408,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -27,3 +27,14 @@ def test_default_model_colocated_matches(engine):
     disaggregated = [c.tokens for c in engine.generate(prompts, params)]
     colocated = Engine(mesh="cpu-colocated", warm_up=False, progress=False)
     assert [c.tokens for c in colocated.generate(prompts, params)] == disaggregated
+
+
+def test_demo_serves_the_answer_over_grpc():
+    """``python -m jdisagg.demo``: server, client and the default model end to end."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "jdisagg.demo"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "assistant: The capital of France is Paris." in proc.stdout
+    assert "KV transfer" in proc.stderr

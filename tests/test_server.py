@@ -254,3 +254,25 @@ def test_every_accepted_stream_reaches_the_engine():
         cases, SamplingParams(max_tokens=4, ignore_eos=True)
     )
     assert [t for t, _ in results] == [e.tokens for e in expected]
+
+
+def test_full_queue_is_resource_exhausted():
+    engine = Engine("tiny-llama", "cpu-single", warm_up=False, progress=False)
+    server = Server(engine, port=0, max_queue=2)
+    server.grpc.start()  # workers held back: requests stay queued
+    server.set_ready()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            held = [stub.Generate(_request([5, 6], max_tokens=2)) for _ in range(2)]
+            deadline = time.time() + 30
+            while len(engine.queue) < 2 and time.time() < deadline:
+                time.sleep(0.05)
+            with pytest.raises(grpc.RpcError) as err:
+                _collect(stub, _request([5, 6], max_tokens=2))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in err.value.details()
+            for w in server.workers:
+                w.start()
+            assert all(sum(len(m.token_ids) for m in call) == 2 for call in held)  # nothing accepted is lost
+    finally:
+        server.stop()

@@ -34,8 +34,8 @@ _DEFAULTS: dict[str, object] = {}  # this command's default of each flag it read
 
 
 def _define(define, name: str, default, help: str) -> None:
-    """Defines a flag unless an imported module already did (jdisagg.client defines --target
-    and --seed); either way ``_flag(name)`` reads it with this default when it is not given."""
+    """Defines a flag unless an imported module already did; either way ``_flag(name)`` reads
+    it with this default when it is not given."""
     _DEFAULTS[name] = default
     if name not in FLAGS:
         define(name, default, help)
@@ -47,7 +47,6 @@ def _flag(name: str):
 
 def _define_flags() -> None:
     """The flags of ``run`` and ``plot`` (not defined for ``micro``, which has its own)."""
-    import jdisagg.client  # noqa: F401  (defines --target and --seed, shared with ours)
     from jdisagg.bench.workloads import WORKLOADS
 
     _define(flags.DEFINE_string, "target", "", "Server to benchmark, host:port; or start one with --model and --mesh.")
