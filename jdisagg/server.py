@@ -214,6 +214,9 @@ class Server:
                     e.cancel(request)
                     return
                 continue
+            while not finished and not request.events.empty():  # behind: send what is ready in one message
+                more, finished = request.events.get_nowait()
+                tokens = tokens + more
             shown = tokens
             if (
                 finished
