@@ -6,10 +6,13 @@ to a PP x TP decode layout) falls back to a copy through host memory. ``reshard`
 it: every destination shard is cut into the boxes where it meets a source shard; each box
 is sliced on its source device, copied straight to its destination device (a plain
 single-device to single-device copy), and the boxes are concatenated there. The pieces
-are then assembled into one array on the destination mesh without any host trip.
+are then assembled into one array on the destination mesh without any host trip. Cutting,
+copying and joining are each one dispatch per device, for k and v together.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 from jax.sharding import NamedSharding
@@ -41,27 +44,64 @@ def _assemble(pieces: list[tuple[Box, jax.Array]]) -> jax.Array:
     raise ValueError("pieces overlap")
 
 
-def reshard(x: jax.Array, dst: NamedSharding) -> jax.Array:
-    """``x`` with sharding ``dst``, moved device to device (never through host memory)."""
+@functools.cache
+def _cutter(cuts: tuple[tuple[tuple[int, int], ...], ...]):
+    """One compiled call that cuts every piece a source shard sends, for several arrays."""
+
+    def cut(*arrays):
+        return tuple(a[tuple(slice(lo, hi) for lo, hi in c)] for a in arrays for c in cuts)
+
+    return jax.jit(cut)
+
+
+@functools.cache
+def _joiner(boxes: tuple[Box, ...], n_arrays: int):
+    """One compiled call that assembles a destination shard of each array from its pieces."""
+
+    def join(*pieces):
+        per_array = len(boxes)
+        return tuple(
+            _assemble(list(zip(boxes, pieces[i * per_array : (i + 1) * per_array], strict=True)))
+            for i in range(n_arrays)
+        )
+
+    return jax.jit(join)
+
+
+def reshard(arrays: tuple[jax.Array, ...], dst: NamedSharding) -> tuple[jax.Array, ...]:
+    """``arrays`` (same shape and sharding) laid out as ``dst``, device to device.
+
+    Per source device one compiled call cuts every piece it sends; one batched
+    ``device_put`` moves all pieces; per destination device one compiled call joins them.
+    """
+    x = arrays[0]
     if x.sharding.is_equivalent_to(dst, x.ndim):
-        return x
-    sources = [(_box(s.index, x.shape), s.data) for s in x.addressable_shards if s.replica_id == 0]
-    shards = []
+        return arrays
+    shards = [[s for s in a.addressable_shards if s.replica_id == 0] for a in arrays]
+    targets = {d: _box(i, x.shape) for d, i in dst.addressable_devices_indices_map(x.shape).items()}
+    sends = []  # (destination device, box) per piece, in the order they are cut
+    pieces = []
     with jax.transfer_guard_device_to_host("disallow"):
-        for device, index in dst.addressable_devices_indices_map(x.shape).items():
-            target = _box(index, x.shape)
-            pieces = []
-            for box, data in sources:
-                meet = _intersect(box, target)
-                if meet is None:
-                    continue
-                local = tuple(slice(lo - b0, hi - b0) for (lo, hi), (b0, _) in zip(meet, box, strict=True))
-                piece = data if meet == box else data[local]
-                pieces.append((meet, jax.device_put(piece, device)))
-            shards.append(_assemble(pieces))
-    return jax.make_array_from_single_device_arrays(x.shape, dst, shards)
+        for k, source in enumerate(shards[0]):
+            box = _box(source.index, x.shape)
+            meets = [(d, m) for d, t in targets.items() if (m := _intersect(box, t)) is not None]
+            cuts = tuple(tuple((lo - b0, hi - b0) for (lo, hi), (b0, _) in zip(m, box, strict=True)) for _, m in meets)
+            cut = _cutter(cuts)(*(a[k].data for a in shards))
+            for i in range(len(arrays)):
+                for j, (d, m) in enumerate(meets):
+                    sends.append((i, d, m))
+                    pieces.append(cut[i * len(meets) + j])
+        moved = jax.device_put(pieces, [d for _, d, _ in sends])
+        out = [[] for _ in arrays]
+        for device in targets:
+            mine = [(i, m, p) for (i, d, m), p in zip(sends, moved, strict=True) if d == device]
+            boxes = tuple(m for i, m, _ in mine if i == 0)
+            ordered = [p for i in range(len(arrays)) for j, m, p in mine if j == i]
+            for i, shard in enumerate(_joiner(boxes, len(arrays))(*ordered)):
+                out[i].append(shard)
+    return tuple(jax.make_array_from_single_device_arrays(x.shape, dst, o) for o in out)
 
 
 def transfer(prefix: Prefix, dst: NamedSharding) -> tuple[jax.Array, jax.Array]:
     """The prefix's k and v [L, T, K, H], laid out as ``dst`` on the decode mesh."""
-    return reshard(prefix.k, dst), reshard(prefix.v, dst)
+    return reshard((prefix.k, prefix.v), dst)

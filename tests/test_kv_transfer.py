@@ -61,7 +61,7 @@ def test_reshard_device_to_device(src_spec, dst_spec):
     x = jax.device_put(host, NamedSharding(prefill_mesh, src_spec))
     dst = NamedSharding(decode_mesh, dst_spec)
     with no_host_copies():
-        y = jax.block_until_ready(kv_transfer.reshard(x, dst))
+        (y,) = jax.block_until_ready(kv_transfer.reshard((x,), dst))
     assert y.sharding == dst
     np.testing.assert_array_equal(np.asarray(y), host)
     for shard in y.addressable_shards:
