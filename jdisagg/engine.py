@@ -71,6 +71,37 @@ def auto_pages(cfg, mesh, spec, preset: MeshPreset) -> int:
     return pages
 
 
+def prefill_runner(cfg, params, mesh, spec, length_buckets: tuple[int, ...]) -> PrefillRunner:
+    """The prefill runner of instance ``spec`` (params already placed on ``mesh``)."""
+    return PrefillRunner(
+        cfg,
+        params,
+        mesh,
+        spec.rules,
+        length_buckets=length_buckets,
+        max_batch=spec.max_batch,
+        token_budget=spec.token_budget,
+        batch_buckets=spec.batch_buckets,
+    )
+
+
+def decode_runner(cfg, params, mesh, spec, preset: MeshPreset, n_pages: int) -> DecodeRunner:
+    """The decode runner of instance ``spec`` with a pool of ``n_pages``."""
+    return DecodeRunner(
+        cfg,
+        params,
+        mesh,
+        spec.rules,
+        max_batch=spec.max_batch,
+        n_pages=n_pages,
+        page_size=preset.page_size,
+        max_seq_len=preset.max_seq_len,
+        micro_batches=spec.micro_batches,
+        chunk_tokens=spec.chunk_tokens,
+        batch_buckets=spec.batch_buckets,
+    )
+
+
 @dataclasses.dataclass
 class DecodeInstance:
     runner: DecodeRunner
@@ -105,33 +136,10 @@ class Engine:
             mesh_ = sharding.make_mesh([devices[i] for i in spec.devices], spec.pp, spec.tp)
             params = self.model.place(sharding.param_shardings(abstract, mesh_, spec.rules))
             if spec.runs_prefill:
-                self.prefill.append(
-                    PrefillRunner(
-                        cfg,
-                        params,
-                        mesh_,
-                        spec.rules,
-                        length_buckets=self.length_buckets,
-                        max_batch=spec.max_batch,
-                        token_budget=spec.token_budget,
-                        batch_buckets=spec.batch_buckets,
-                    )
-                )
+                self.prefill.append(prefill_runner(cfg, params, mesh_, spec, self.length_buckets))
             if spec.runs_decode:
                 n_pages = spec.pages or auto_pages(cfg, mesh_, spec, preset)
-                runner = DecodeRunner(
-                    cfg,
-                    params,
-                    mesh_,
-                    spec.rules,
-                    max_batch=spec.max_batch,
-                    n_pages=n_pages,
-                    page_size=preset.page_size,
-                    max_seq_len=preset.max_seq_len,
-                    micro_batches=spec.micro_batches,
-                    chunk_tokens=spec.chunk_tokens,
-                    batch_buckets=spec.batch_buckets,
-                )
+                runner = decode_runner(cfg, params, mesh_, spec, preset, n_pages)
                 slots = DecodeSlots(n_pages, preset.page_size, spec.max_batch, preset.max_seq_len)
                 self.decode.append(DecodeInstance(runner, slots))
         # What each worker thread of a server runs: disaggregated instances each get their own;

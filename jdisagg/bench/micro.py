@@ -62,7 +62,7 @@ from absl import app, flags
 
 from jdisagg import cards, kv_transfer, model, platform, sharding
 from jdisagg.decode import DecodeRunner
-from jdisagg.engine import auto_pages
+from jdisagg.engine import auto_pages, decode_runner, prefill_runner
 from jdisagg.pages import pages_for
 from jdisagg.prefill import PrefillRunner, length_buckets
 from jdisagg.preset import InstanceSpec, MeshPreset, load_preset
@@ -288,7 +288,7 @@ class Bench:
         if self._weights is None:
             self._weights = self.model.place(shardings)
             return mesh, self._weights
-        return mesh, jax.tree_util.tree_map(kv_transfer.reshard, self._weights, shardings)
+        return mesh, jax.tree_util.tree_map(lambda w, s: kv_transfer.reshard((w,), s)[0], self._weights, shardings)
 
     @property
     def prefill_runner(self) -> PrefillRunner:
@@ -296,34 +296,15 @@ class Bench:
         if self._prefill is None:
             spec = self.prefill_spec
             mesh, params = self.place([self.devices[i] for i in spec.devices], spec.pp, spec.tp, spec.rules)
-            self._prefill = PrefillRunner(
-                self.cfg,
-                params,
-                mesh,
-                spec.rules,
-                length_buckets=self.length_buckets,
-                max_batch=spec.max_batch,
-                token_budget=spec.token_budget,
-                batch_buckets=spec.batch_buckets,
-            )
+            self._prefill = prefill_runner(self.cfg, params, mesh, spec, self.length_buckets)
         return self._prefill
 
     def decode_runner(self, spec: InstanceSpec, n_pages: int = 0) -> DecodeRunner:
         """A decode instance of ``spec`` (as the engine builds it) with a pool of ``n_pages``
         (0: the preset's, or sized from free memory) filled with non-zero KV."""
         mesh, params = self.place([self.devices[i] for i in spec.devices], spec.pp, spec.tp, spec.rules)
-        runner = DecodeRunner(
-            self.cfg,
-            params,
-            mesh,
-            spec.rules,
-            max_batch=spec.max_batch,
-            n_pages=n_pages or spec.pages or auto_pages(self.cfg, mesh, spec, self.preset),
-            page_size=self.preset.page_size,
-            max_seq_len=self.preset.max_seq_len,
-            micro_batches=spec.micro_batches,
-            batch_buckets=spec.batch_buckets,
-        )
+        n_pages = n_pages or spec.pages or auto_pages(self.cfg, mesh, spec, self.preset)
+        runner = decode_runner(self.cfg, params, mesh, spec, self.preset, n_pages)
         fill_pages(runner)
         return runner
 
