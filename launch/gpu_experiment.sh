@@ -8,6 +8,9 @@
 #       "chat:4,8,12,16 code:8,16,24,32" 20
 #
 # SLOs are the DistServe paper's for OPT-13B: chat TTFT 0.25 s / TPOT 0.1 s, code 0.125 s / 0.2 s.
+# On a machine without network: HUMANEVAL is the HumanEval.lengths.json that a `code` run
+# writes next to its cached HumanEval file, and grpcio-health-checking / grpcio-reflection
+# must be installed (see BENCHMARKS.md for the exact set-up used).
 set -euo pipefail
 out=$1 model=$2 systems=$3 workloads=$4 seconds=${5:-20} humaneval=${6:-}
 mkdir -p "$out"
