@@ -301,6 +301,7 @@ class Server:
     def model_info(self, msg, context):
         e = self.engine
         preset = e.preset
+        pools = iter(d.runner.n_pages for d in e.decode)  # the pool sizes in use (a preset may leave them out)
         instances = [
             pb.Instance(
                 role=s.role,
@@ -308,14 +309,13 @@ class Server:
                 pp=s.pp,
                 tp=s.tp,
                 max_batch=s.max_batch,
-                pages=s.pages,
+                pages=next(pools) if s.runs_decode else 0,
                 page_size=preset.page_size,
             )
             for s in preset.instances
         ]
-        card_path = e.model.card
         return pb.ModelInfoResponse(
-            model_name=card_path.name,
+            model_name=e.model.card.name,
             architecture=e.cfg.arch,
             vocab_size=e.cfg.vocab_size,
             max_seq_len=preset.max_seq_len,

@@ -134,6 +134,7 @@ def test_model_info(served):
         ("prefill", [0, 1, 2, 3], 1, 4),
         ("decode", [4, 5, 6, 7], 2, 2),
     ]
+    assert [i.pages for i in info.instances] == [0, engine.decode[0].runner.n_pages]
 
 
 def test_metrics_endpoint(served):
