@@ -23,9 +23,10 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jdisagg import model, sharding
-from jdisagg.attention import NULL_PAGE, MixedKV, PagedKV, forward_layers
+from jdisagg.attention import NULL_PAGE, MixedKV, PagedKV, forward_layers, unroll_layers
 from jdisagg.config import ModelConfig
 from jdisagg.pages import pages_for
+from jdisagg.platform import Program
 from jdisagg.prefill import bucket_for, powers_of_two
 from jdisagg.sampling import Sampled, SamplingArrays, SamplingParams, sample
 
@@ -39,7 +40,9 @@ def _merge_stages(tree):
     return jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:]), tree)
 
 
-def pipeline(cfg: ModelConfig, layers: dict, kv: PagedKV, x_btd, pos_bt, *, stages: int, micro: int, stage_sharding):
+def pipeline(
+    cfg: ModelConfig, layers: dict, kv: PagedKV, x_btd, pos_bt, *, stages: int, micro: int, stage_sharding, unroll: bool
+):
     """Runs all layers over the batch as a ``stages``-deep pipeline of ``micro`` micro-batches."""
     b = x_btd.shape[0]
     mb = b // micro
@@ -51,7 +54,7 @@ def pipeline(cfg: ModelConfig, layers: dict, kv: PagedKV, x_btd, pos_bt, *, stag
     constrain = functools.partial(jax.lax.with_sharding_constraint, shardings=stage_sharding)
 
     def stage(layers, k_pages, v_pages, table, x, pos):
-        x, kv = forward_layers(cfg, layers, x, pos, PagedKV(k_pages, v_pages, table))
+        x, kv = forward_layers(cfg, layers, x, pos, PagedKV(k_pages, v_pages, table), unroll=unroll)
         return x, kv.k_pages, kv.v_pages
 
     def tick(carry, t):
@@ -87,6 +90,7 @@ def decode_step(
     stages: int,
     micro: int,
     stage_sharding,
+    unroll: bool,
 ):
     """Feeds each request's last token (at ``pos_b``; -1 for an empty row) and samples the next.
 
@@ -95,10 +99,18 @@ def decode_step(
     kv = PagedKV(k_pages, v_pages, page_table_bp)
     x_btd = model.embed(cfg, params, tokens_b[:, None], pos_b[:, None])
     if stages == 1 and micro == 1:
-        x_btd, kv = forward_layers(cfg, params["layers"], x_btd, pos_b[:, None], kv)
+        x_btd, kv = forward_layers(cfg, params["layers"], x_btd, pos_b[:, None], kv, unroll=unroll)
     else:
         x_btd, kv = pipeline(
-            cfg, params["layers"], kv, x_btd, pos_b[:, None], stages=stages, micro=micro, stage_sharding=stage_sharding
+            cfg,
+            params["layers"],
+            kv,
+            x_btd,
+            pos_b[:, None],
+            stages=stages,
+            micro=micro,
+            stage_sharding=stage_sharding,
+            unroll=unroll,
         )
     return sample(model.logits(cfg, params, x_btd[:, 0]), s, pos_b + 1), kv.k_pages, kv.v_pages
 
@@ -116,6 +128,8 @@ def mixed_step(
     chunk_table_1p,
     chunk_last,
     s: SamplingArrays,
+    *,
+    unroll: bool,
 ):
     """Chunked prefill: a decode step for B requests plus a C-token chunk of one prompt.
 
@@ -127,7 +141,7 @@ def mixed_step(
     pos_1t = jnp.concatenate([pos_b, chunk_pos_c])[None]
     x_1td = model.embed(cfg, params, tokens_1t, pos_1t)
     kv = MixedKV(k_pages, v_pages, page_table_bp, chunk_table_1p)
-    x_1td, kv = forward_layers(cfg, params["layers"], x_1td, pos_1t, kv)
+    x_1td, kv = forward_layers(cfg, params["layers"], x_1td, pos_1t, kv, unroll=unroll)
     last_bd = jnp.concatenate([x_1td[0, :b], x_1td[0, b + chunk_last][None]])
     next_pos = jnp.concatenate([pos_b + 1, chunk_pos_c[chunk_last][None] + 1])
     return sample(model.logits(cfg, params, last_bd), s, next_pos), kv.k_pages, kv.v_pages
@@ -183,14 +197,17 @@ class DecodeRunner:
         zeros = jax.jit(lambda: jnp.zeros(shape, cfg.dtype), out_shardings=self.pages_sharding)
         self.k_pages, self.v_pages = zeros(), zeros()
         replicated = NamedSharding(mesh, PartitionSpec())
+        unroll = unroll_layers(mesh)
         self._step = jax.jit(
-            functools.partial(decode_step, cfg, stages=stages, micro=micro_batches, stage_sharding=stage_sharding),
+            functools.partial(
+                decode_step, cfg, stages=stages, micro=micro_batches, stage_sharding=stage_sharding, unroll=unroll
+            ),
             donate_argnums=(1, 2),
             out_shardings=(replicated, self.pages_sharding, self.pages_sharding),
         )
         self._insert = jax.jit(insert_prefix, donate_argnums=(0, 1), out_shardings=(self.pages_sharding,) * 2)
         self._mixed = jax.jit(
-            functools.partial(mixed_step, cfg),
+            functools.partial(mixed_step, cfg, unroll=unroll),
             donate_argnums=(1, 2),
             out_shardings=(replicated, self.pages_sharding, self.pages_sharding),
         )
@@ -205,12 +222,13 @@ class DecodeRunner:
         self, tokens: list[int], positions: list[int], page_tables: list[list[int]], params: list[SamplingParams]
     ) -> Sampled:
         """One decode step for ``len(tokens)`` requests; returns what they sampled (host arrays)."""
-        tokens_b, pos_b, table_bp = self._rows(tokens, positions, page_tables)
-        b = len(tokens_b)
-        sampled, self.k_pages, self.v_pages = self._step(
-            self.params, self.k_pages, self.v_pages, tokens_b, pos_b, table_bp, SamplingArrays.of(params, b)
-        )
+        inputs = self._step_inputs(tokens, positions, page_tables, params)
+        sampled, self.k_pages, self.v_pages = self._step(self.params, self.k_pages, self.v_pages, *inputs)
         return jax.device_get(sampled)  # the step's one device-to-host copy
+
+    def _step_inputs(self, tokens, positions, page_tables, params):
+        tokens_b, pos_b, table_bp = self._rows(tokens, positions, page_tables)
+        return tokens_b, pos_b, table_bp, SamplingArrays.of(params, len(tokens_b))
 
     def _rows(self, tokens, positions, page_tables, min_width: int = 1):
         """Batch inputs padded to a batch bucket and a page-table width bucket."""
@@ -240,6 +258,13 @@ class DecodeRunner:
 
         Returns what was sampled (host arrays) and the row of the chunk's next token.
         """
+        inputs = self._mixed_inputs(
+            tokens, positions, page_tables, params, chunk, chunk_start, chunk_pages, chunk_params
+        )
+        sampled, self.k_pages, self.v_pages = self._mixed(self.params, self.k_pages, self.v_pages, *inputs)
+        return jax.device_get(sampled), len(inputs[0])
+
+    def _mixed_inputs(self, tokens, positions, page_tables, params, chunk, chunk_start, chunk_pages, chunk_params):
         n = len(tokens)
         tokens_b, pos_b, table_bp = self._rows(tokens, positions, page_tables, min_width=len(chunk_pages))
         b = len(tokens_b)
@@ -251,23 +276,24 @@ class DecodeRunner:
         chunk_table = np.full((1, table_bp.shape[1]), NULL_PAGE, np.int32)
         chunk_table[0, : len(chunk_pages)] = chunk_pages
         sampling = SamplingArrays.of([*params, *[SamplingParams()] * (b - n), chunk_params], b + 1)
-        sampled, self.k_pages, self.v_pages = self._mixed(
-            self.params,
-            self.k_pages,
-            self.v_pages,
-            tokens_b,
-            pos_b,
-            table_bp,
-            chunk_c,
-            chunk_pos_c,
-            chunk_table,
-            np.int32(len(chunk) - 1),
-            sampling,
-        )
-        return jax.device_get(sampled), b
+        return tokens_b, pos_b, table_bp, chunk_c, chunk_pos_c, chunk_table, np.int32(len(chunk) - 1), sampling
+
+    def programs(self) -> list[Program]:
+        """The step (and the chunked step) at every batch and width bucket, for ``compile_all``."""
+        out = []
+        for b in self.batch_buckets:
+            for w in self.width_buckets:
+                rows = ([0] * b, [-1] * b, [[NULL_PAGE] * w] * b, [SamplingParams()] * b)
+                state = (self.params, self.k_pages, self.v_pages)
+                out.append(Program(f"decode B={b} W={w}", self._step, (*state, *self._step_inputs(*rows))))
+                if self.chunk_tokens:
+                    inputs = self._mixed_inputs(*rows, [0], 0, [], SamplingParams())
+                    out.append(Program(f"chunked B={b} W={w}", self._mixed, (*state, *inputs)))
+        return out
 
     def warm_up(self, prefix_lengths: tuple[int, ...], progress=None) -> float:
-        """Compiles the step for every batch bucket and the insert for every prefix length."""
+        """Runs the step for every batch bucket (compiling what ``compile_all`` has not) and
+        the insert for every prefix length."""
         start = time.perf_counter()
         for b in self.batch_buckets:
             for w in self.width_buckets:
@@ -282,5 +308,5 @@ class DecodeRunner:
             zeros = jax.device_put(np.zeros(shape, jnp.dtype(self.cfg.dtype)), self.prefix_sharding)
             self.insert(zeros, zeros, [])
         seconds = time.perf_counter() - start
-        logging.info("decode: compiled %d batch shapes in %.1fs", len(self.batch_buckets), seconds)
+        logging.info("decode: ran %d batch shapes in %.1fs", len(self.batch_buckets), seconds)
         return seconds

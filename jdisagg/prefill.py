@@ -18,18 +18,21 @@ from absl import logging
 from jax.sharding import Mesh
 
 from jdisagg import model, sharding
-from jdisagg.attention import PromptKV, forward_layers
+from jdisagg.attention import PromptKV, forward_layers, unroll_layers
 from jdisagg.config import ModelConfig
+from jdisagg.platform import Program
 from jdisagg.sampling import Logprob, SamplingArrays, SamplingParams, sample
 
 
-def prefill_step(cfg: ModelConfig, params: dict, tokens_bt: jax.Array, lengths_b: jax.Array, s: SamplingArrays):
+def prefill_step(
+    cfg: ModelConfig, params: dict, tokens_bt: jax.Array, lengths_b: jax.Array, s: SamplingArrays, *, unroll: bool
+):
     """Returns the first sampled token of each prompt (``Sampled``, [B]) and the prompts' KV [L, B, T, K, H] x 2."""
     b, t = tokens_bt.shape
     steps_t = jnp.arange(t, dtype=jnp.int32)
     pos_bt = jnp.where(steps_t[None, :] < lengths_b[:, None], steps_t[None, :], -1)  # -1 marks padding
     x_btd = model.embed(cfg, params, tokens_bt, pos_bt)
-    x_btd, kv = forward_layers(cfg, params["layers"], x_btd, pos_bt, PromptKV.empty(cfg, b, t))
+    x_btd, kv = forward_layers(cfg, params["layers"], x_btd, pos_bt, PromptKV.empty(cfg, b, t), unroll=unroll)
     last_bd = x_btd[jnp.arange(b), jnp.maximum(lengths_b - 1, 0)]
     first = sample(model.logits(cfg, params, last_bd), s, lengths_b)
     return first, kv.k, kv.v
@@ -99,7 +102,10 @@ class PrefillRunner:
         kv_sharding = sharding.named_sharding(mesh, sharding.PROMPT_KV_AXES, rules)
         prefix_sharding = sharding.named_sharding(mesh, sharding.PREFIX_AXES, rules)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        self._step = jax.jit(functools.partial(prefill_step, cfg), out_shardings=(replicated, kv_sharding, kv_sharding))
+        self._step = jax.jit(
+            functools.partial(prefill_step, cfg, unroll=unroll_layers(mesh)),
+            out_shardings=(replicated, kv_sharding, kv_sharding),
+        )
         # Splits a batch's KV into per-request prefixes, on the prefill mesh.
         self._rows = jax.jit(
             lambda k, v, n: tuple((k[:, i], v[:, i]) for i in range(n)),
@@ -116,19 +122,28 @@ class PrefillRunner:
         """Every (batch, length) bucket pair this runner can be called with."""
         return [(b, t) for t in self.length_buckets for b in self.batch_buckets if b <= self.max_batch_for(t)]
 
+    def programs(self) -> list[Program]:
+        """The step at every shape, for ``compile_all``."""
+        return [
+            Program(
+                f"prefill B={b} T={t}", self._step, (self.params, *self._inputs([[0]] * b, [SamplingParams()] * b, t))
+            )
+            for b, t in self.shapes()
+        ]
+
     def warm_up(self, progress=None) -> float:
-        """Compiles every shape; returns the seconds it took."""
+        """Runs every shape once (compiling what ``compile_all`` has not); returns the seconds it took."""
         start = time.perf_counter()
         for b, t in self.shapes():
             self.run([[0]] * b, [SamplingParams()] * b, length_bucket=t)
             if progress:
                 progress(f"prefill B={b} T={t}")
         seconds = time.perf_counter() - start
-        logging.info("prefill: compiled %d shapes in %.1fs", len(self.shapes()), seconds)
+        logging.info("prefill: ran %d shapes in %.1fs", len(self.shapes()), seconds)
         return seconds
 
-    def run(self, prompts: list[list[int]], params: list[SamplingParams], length_bucket: int = 0) -> list[Prefix]:
-        """Prefills ``prompts`` in one call (they must fit one bucket pair); one Prefix per prompt."""
+    def _inputs(self, prompts: list[list[int]], params: list[SamplingParams], length_bucket: int = 0):
+        """The step's inputs: prompts padded to a bucket pair, their lengths, their sampling."""
         t = bucket_for(max(max(len(p) for p in prompts), length_bucket), self.length_buckets)
         b = bucket_for(len(prompts), self.batch_buckets)
         tokens_bt = np.zeros((b, t), np.int32)
@@ -136,7 +151,11 @@ class PrefillRunner:
         for i, p in enumerate(prompts):
             tokens_bt[i, : len(p)] = p
             lengths_b[i] = len(p)
-        first, k, v = self._step(self.params, tokens_bt, lengths_b, SamplingArrays.of(params, b))
+        return tokens_bt, lengths_b, SamplingArrays.of(params, b)
+
+    def run(self, prompts: list[list[int]], params: list[SamplingParams], length_bucket: int = 0) -> list[Prefix]:
+        """Prefills ``prompts`` in one call (they must fit one bucket pair); one Prefix per prompt."""
+        first, k, v = self._step(self.params, *self._inputs(prompts, params, length_bucket))
         rows = self._rows(k, v, len(prompts))
         first = jax.device_get(first)
         return [

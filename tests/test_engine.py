@@ -133,7 +133,9 @@ def test_logprobs_match_a_full_forward_pass():
     seq = np.array([prompt + out.tokens[:-1]], np.int32)
     pos = np.arange(seq.shape[1], dtype=np.int32)[None]
     x = model.embed(cfg, host, seq, pos)
-    x, _ = attention.forward_layers(cfg, host["layers"], x, pos, attention.PromptKV.empty(cfg, 1, seq.shape[1]))
+    x, _ = attention.forward_layers(
+        cfg, host["layers"], x, pos, attention.PromptKV.empty(cfg, 1, seq.shape[1]), unroll=False
+    )
     logprobs = np.asarray(jax.nn.log_softmax(model.logits(cfg, host, x[0]), axis=-1))
     for i, (token, lp) in enumerate(zip(out.tokens, out.logprobs, strict=True)):
         row = logprobs[len(prompt) - 1 + i]

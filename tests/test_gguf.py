@@ -19,7 +19,7 @@ def _last_logits(cfg, params, tokens_bt):
     b, t = tokens_bt.shape
     pos_bt = jnp.broadcast_to(jnp.arange(t), (b, t))
     x = model.embed(cfg, params, tokens_bt, pos_bt)
-    x, _ = attention.forward_layers(cfg, params["layers"], x, pos_bt, attention.PromptKV.empty(cfg, b, t))
+    x, _ = attention.forward_layers(cfg, params["layers"], x, pos_bt, attention.PromptKV.empty(cfg, b, t), unroll=False)
     return np.asarray(model.logits(cfg, params, x[:, -1]))
 
 
@@ -160,7 +160,9 @@ def test_default_model_answers(tmp_path):
     def next_token(params, tokens_bt, n):
         pos_bt = jnp.arange(length)[None]
         x = model.embed(cfg, params, tokens_bt, pos_bt)
-        x, _ = attention.forward_layers(cfg, params["layers"], x, pos_bt, attention.PromptKV.empty(cfg, 1, length))
+        x, _ = attention.forward_layers(
+            cfg, params["layers"], x, pos_bt, attention.PromptKV.empty(cfg, 1, length), unroll=False
+        )
         return jnp.argmax(model.logits(cfg, params, x[:, n - 1]), axis=-1)[0]
 
     out = []

@@ -112,5 +112,7 @@ def test_logits_match_transformers(tmp_path, name):
         expected = hf_model(torch.from_numpy(tokens)).logits[:, -1].numpy()
     pos = jnp.arange(tokens.shape[1])[None]
     x = model.embed(cfg, params, tokens, pos)
-    x, _ = attention.forward_layers(cfg, params["layers"], x, pos, attention.PromptKV.empty(cfg, 1, tokens.shape[1]))
+    x, _ = attention.forward_layers(
+        cfg, params["layers"], x, pos, attention.PromptKV.empty(cfg, 1, tokens.shape[1]), unroll=False
+    )
     np.testing.assert_allclose(np.asarray(model.logits(cfg, params, x[:, -1])), expected, atol=1e-4)

@@ -72,12 +72,12 @@ def random_params(cfg: ModelConfig, seed: int) -> dict:
     return jax.tree_util.tree_map_with_path(perturb, params)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _step(cfg: ModelConfig, params: dict, tokens_bt: jax.Array, pos_bt: jax.Array, kv):
+@functools.partial(jax.jit, static_argnums=0, static_argnames="unroll")
+def _step(cfg: ModelConfig, params: dict, tokens_bt: jax.Array, pos_bt: jax.Array, kv, unroll: bool = False):
     """Embed, every layer against cache ``kv``, logits: ([B, T, V] logits, updated cache)."""
     b, t = tokens_bt.shape
     x = model.embed(cfg, params, tokens_bt, pos_bt)
-    x, kv = attention.forward_layers(cfg, params["layers"], x, pos_bt, kv)
+    x, kv = attention.forward_layers(cfg, params["layers"], x, pos_bt, kv, unroll=unroll)
     return model.logits(cfg, params, x.reshape(b * t, cfg.dim)).reshape(b, t, cfg.vocab_size), kv
 
 
@@ -146,7 +146,9 @@ def test_rope_scaling_changes_frequencies(name):
         assert np.max(np.abs(a - b)) / np.max(np.abs(a)) > 100 * RTOL
 
 
-def _paged_case(cfg: ModelConfig, params: dict, chunks: list[tuple[int, int]], prompts: list[np.ndarray], seed: int):
+def _paged_case(
+    cfg: ModelConfig, params: dict, chunks: list[tuple[int, int]], prompts: list[np.ndarray], seed: int, unroll: bool
+):
     """Runs ``prompts`` through PagedKV chunk by chunk; yields (row, positions, logits) per chunk."""
     z, pages_per_request, pool_pages = 4, 4, 12
     rng = np.random.default_rng(seed)
@@ -171,7 +173,7 @@ def _paged_case(cfg: ModelConfig, params: dict, chunks: list[tuple[int, int]], p
         for b, n in enumerate(sizes):
             tokens_bt[b, :n] = prompts[b][done[b] : done[b] + n]
             pos_bt[b, :n] = np.arange(done[b], done[b] + n)
-        logits, kv = _step(cfg, params, jnp.asarray(tokens_bt), jnp.asarray(pos_bt), kv)
+        logits, kv = _step(cfg, params, jnp.asarray(tokens_bt), jnp.asarray(pos_bt), kv, unroll=unroll)
         for b, n in enumerate(sizes):
             if n:
                 yield b, np.arange(done[b], done[b] + n), np.asarray(logits[b, :n])
@@ -179,9 +181,11 @@ def _paged_case(cfg: ModelConfig, params: dict, chunks: list[tuple[int, int]], p
     assert done == [len(p) for p in prompts]
 
 
+@pytest.mark.parametrize("unroll", [False, True], ids=["layer-loop", "unrolled"])
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-opt"])
-def test_paged_chunks_match_reference(name):
-    """Prompts fed in chunks (5, 3, 1, 1, 1 and 3, 4, 1, 1 tokens) through a paged cache."""
+def test_paged_chunks_match_reference(name, unroll):
+    """Prompts fed in chunks (5, 3, 1, 1, 1 and 3, 4, 1, 1 tokens) through a paged cache,
+    with the layers in a loop (CPU, TPU) and unrolled (GPU; see ``attention.unroll_layers``)."""
     cfg = CONFIGS[name]
     params = random_params(cfg, seed=4)
     rng = np.random.default_rng(5)
@@ -189,7 +193,7 @@ def test_paged_chunks_match_reference(name):
     want = [reference.forward(cfg, params, p) for p in prompts]
     chunks = [(5, 3), (3, 4), (1, 1), (1, 1), (1, 0)]  # the last call holds a row of pure padding
     seen = [0, 0]
-    for b, positions, got in _paged_case(cfg, params, chunks, prompts, seed=6):
+    for b, positions, got in _paged_case(cfg, params, chunks, prompts, seed=6, unroll=unroll):
         _assert_close(got, want[b][positions], f"{name} row {b} positions {positions.tolist()}")
         seen[b] += len(positions)
     assert seen == [11, 9]
