@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from jdisagg.bench import stats, workloads
 from jdisagg.bench.stats import RequestResult, Slo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench(*args, timeout=300):
@@ -90,6 +92,160 @@ def test_server_breakdown_sums_and_means():
         dict(queue_s=0.4, prefill_s=0.6, transfer_s=0.04, transfer_bytes=400, decode_queue_s=0.2, preemptions=1)
     )
     assert s["mean"]["transfer_bytes"] == 200 and s["mean"]["queue_s"] == pytest.approx(0.2)
+
+
+# ---- SLO scale ------------------------------------------------------------------------------
+
+HAND_SLO = Slo(ttft_s=0.5, tpot_s=0.125)
+
+
+def _result(points, label="sys", gpus=2, slo=None, target=0.4, workload="fixed"):
+    """A result file's data built the way ``loadgen.run_benchmark`` builds it, through JSON;
+    ``points`` maps each rate to its requests; the SLO defaults to ``HAND_SLO``."""
+    slo = slo or HAND_SLO
+    summaries = []
+    for rate, results in points.items():
+        summary = stats.summarize_point(rate, results, slo, gpus)
+        summary["requests"] = [stats.request_record(r, slo) for r in results]
+        summaries.append(summary)
+    good = stats.goodput([s["rate"] for s in summaries], [s["attainment"] for s in summaries], target)
+    result = {
+        "label": label,
+        "workload": workload,
+        "workload_options": {},
+        "cv": 1.0,
+        "seed": 0,
+        "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
+        "target_attainment": target,
+        "gpus": gpus,
+        "goodput": {"rate": good.rate, "per_gpu": good.rate / gpus, "lower_bound": good.lower_bound},
+        "points": summaries,
+    }
+    return json.loads(json.dumps(result))
+
+
+def _lat(ttft, tpot=None, error=""):
+    """A request with this TTFT and TPOT (two tokens; one token when ``tpot`` is None), sent at 0."""
+    return _req(0.0, [ttft] if tpot is None else [ttft, ttft + tpot], error=error)
+
+
+# With HAND_SLO, target 0.4 and 2 GPUs: at scale k a request needs TTFT <= 0.5k and TPOT <= 0.125k.
+# Times are binary fractions, so each comparison at scales 0.25, 0.5, 1 and 2 is exact.
+HAND = {
+    2.0: [_lat(0.125, 0.03125), _lat(0.25, 0.0625), _lat(0.5, 0.125), _lat(0.75)],  # the last: one token
+    4.0: [_lat(0.25, 0.125), _lat(0.75, 0.0625), _lat(0.125, 0.03125, error="INTERNAL"), _lat(0.125, 0.25)],
+}
+
+
+def test_slo_scale_rescoring_by_hand():
+    result = _result(HAND)
+    # scale 1 (0.5, 0.125): rate 2 meets 3/4 (the one-token TTFT 0.75 misses); rate 4 meets 1/4 (TTFT, failed, TPOT).
+    assert [p["attainment"] for p in result["points"]] == [0.75, 0.25]
+    expected = {  # scale: (attainments, goodput rate, lower bound), goodput = r0 + (a0 - 0.4) / (a0 - a1) * (r1 - r0)
+        0.25: ([0.25, 0.0], 0.0, False),  # (0.125, 0.03125): only the first request; rate 2 already misses 0.4
+        0.5: ([0.5, 0.0], 2 + 0.1 / 0.5 * 2, False),  # (0.25, 0.0625): the first two
+        1.0: ([0.75, 0.25], 2 + 0.35 / 0.5 * 2, False),
+        2.0: ([1.0, 0.75], 4.0, True),  # (1, 0.25): all but the failed one; every rate meets 0.4
+    }
+    for scale, (attainments, rate, lower_bound) in expected.items():
+        rescored = stats.rescore(result, scale)
+        assert rescored["slo"] == {"ttft_s": 0.5 * scale, "tpot_s": 0.125 * scale}
+        assert rescored["attainment"] == attainments, scale
+        good = rescored["goodput"]
+        assert good["rate"] == pytest.approx(rate) and good["per_gpu"] == pytest.approx(rate / 2), scale
+        assert good["lower_bound"] == lower_bound, scale
+    assert stats.rescore(result, 1.0)["goodput"]["per_gpu"] == pytest.approx(1.7)
+
+
+def test_slo_scale_1_reproduces_the_stored_result():
+    result = _result(HAND)
+    rescored = stats.rescore(result, 1.0)
+    assert rescored["attainment"] == [p["attainment"] for p in result["points"]]  # exactly, not approx
+    assert rescored["goodput"] == result["goodput"]
+    # and on the stored GPU results, whose latencies are not binary fractions
+    stored = [json.loads(f.read_text()) for f in sorted(ROOT.glob("docs/bench/*.json"))]
+    stored = [r for r in stored if "points" in r]
+    for r in stored:
+        rescored = stats.rescore(r, 1.0)
+        assert rescored["attainment"] == [p["attainment"] for p in r["points"]], r["label"]
+        assert rescored["goodput"] == r["goodput"], r["label"]
+        slo = Slo(**r["slo"])
+        assert all(stats.record_meets_slo(q, slo) == q["meets_slo"] for p in r["points"] for q in p["requests"])
+
+
+def test_record_rule_is_the_request_rule():
+    slo = HAND_SLO
+    requests = [
+        _lat(0.5, 0.125),  # both exactly at the SLO
+        _lat(0.25, 0.25),  # TPOT miss
+        _lat(0.75, 0.0625),  # TTFT miss
+        _lat(0.25),  # one token: no TPOT, only the TTFT counts
+        _lat(0.75),
+        _lat(0.125, 0.0625, error="INTERNAL"),  # failed mid-stream with good latencies
+        _req(0.0, [], error="UNAVAILABLE"),  # failed before a token
+        _req(0.0, []),  # no error but no token either
+    ]
+    expected = [True, False, False, True, False, False, False, False]
+    for scale in (0.25, 1.0, 2.0, 1000.0):
+        scaled = slo.scaled(scale)
+        records = [json.loads(json.dumps(stats.request_record(r, slo))) for r in requests]
+        by_request = [stats.meets_slo(r, scaled) for r in requests]
+        assert [stats.record_meets_slo(q, scaled) for q in records] == by_request, scale
+    assert [stats.meets_slo(r, slo) for r in requests] == expected
+    loose = slo.scaled(1000.0)
+    assert [stats.meets_slo(r, loose) for r in requests] == [True] * 5 + [False] * 3  # failures never meet
+    assert stats.record_meets_slo({"error": "", "ttft": 0.25, "tpot": None, "num_tokens": 1}, Slo(0.5, 1e-9))
+
+
+def test_slo_scale_table_and_ratios():
+    base = _result(HAND, label="colocated")
+    # a second system on 1 GPU: at rate 2 all meet at every scale; at rate 4 half do up to scale 1, all at 2
+    other = _result(
+        {2.0: [_lat(0.125, 0.03125)] * 4, 4.0: [_lat(0.125, 0.03125)] * 2 + [_lat(1.0, 0.03125)] * 2},
+        label="disagg",
+        gpus=1,
+    )
+    table = stats.slo_scale_table([base, other], [2, 0.5, 1, 0.5, 0.25])
+    assert table["scales"] == [0.25, 0.5, 1, 2]
+    assert [s["label"] for s in table["systems"]] == ["colocated", "disagg"]
+    other_good = [s["goodput"] for s in table["systems"][1]["by_scale"]]
+    # scales 0.25 to 1: rate 4 attains 0.5 >= 0.4, a lower bound of 4 req/s on 1 GPU; scale 2: all meet
+    assert [(g["per_gpu"], g["lower_bound"]) for g in other_good] == [(4.0, True)] * 4
+    ratios = table["ratios"]
+    assert [(r["numerator"], r["denominator"]) for r in ratios] == [("disagg", "colocated")]
+    r = ratios[0]["by_scale"]
+    assert r[0] is None  # colocated goodput 0
+    assert r[1]["bound"] == ">=" and r[1]["value"] == pytest.approx(4.0 / 1.2)
+    assert r[2]["bound"] == ">=" and r[2]["value"] == pytest.approx(4.0 / 1.7)
+    assert r[3] is None  # both lower bounds
+    assert stats.goodput_ratio({"per_gpu": 2.0, "lower_bound": False}, {"per_gpu": 4.0, "lower_bound": True}) == {
+        "value": 0.5,
+        "bound": "<=",
+    }
+    text = stats.format_slo_table(table)
+    lines = text.splitlines()
+    assert "TTFT <= k * 0.5 s, TPOT <= k * 0.125 s" in lines[0] and "40% attainment" in lines[0]
+    assert lines[1].split()[-3:] == ["disagg", "/", "colocated"]
+    assert lines[2].split() == ["0.25", "0.125", "0.0312", "0", ">=4", "-"]
+    assert lines[3].split() == ["0.5", "0.25", "0.0625", "1.2", ">=4", ">=3.33"]
+    assert lines[4].split() == ["1", "0.5", "0.125", "1.7", ">=4", ">=2.35"]
+    assert lines[5].split() == ["2", "1", "0.25", ">=2", ">=4", "-"]
+    assert lines[6].startswith(">=:") and lines[7].startswith("-:")
+
+
+def test_slo_scale_table_rejects_bad_input():
+    base = _result(HAND)
+    for scales in ([], [0.0, 1.0], [-1.0], [float("nan")]):
+        with pytest.raises(ValueError, match="positive"):
+            stats.slo_scale_table([base], scales)
+    with pytest.raises(ValueError, match="result 2 .* has workload 'chat'"):
+        stats.slo_scale_table([base, _result(HAND, workload="chat")], [1.0])
+    with pytest.raises(ValueError, match="has slo"):
+        stats.slo_scale_table([base, _result(HAND, slo=Slo(1.0, 0.125))], [1.0])
+    stripped = _result(HAND, label="old")
+    del stripped["points"][1]["requests"]
+    with pytest.raises(ValueError, match=r"result 2 \(old\): the point at 4 req/s stores no request records"):
+        stats.slo_scale_table([base, stripped], [1.0])
 
 
 # ---- workloads ------------------------------------------------------------------------------
@@ -197,6 +353,49 @@ def test_bad_flags_exit_2(args, message):
     proc = _bench(*args, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
+
+
+def test_slo_command(tmp_path):
+    a, b = tmp_path / "colocated.json", tmp_path / "disagg.json"
+    a.write_text(json.dumps(_result(HAND, label="colocated")))
+    b.write_text(json.dumps(_result({2.0: [_lat(0.125, 0.03125)] * 4, 4.0: [_lat(0.125)] * 4}, label="disagg")))
+    png, table = tmp_path / "slo.png", tmp_path / "slo.json"
+    proc = _bench("slo", str(a), str(b), "--scales", "0.5,1,2", "--out", str(png), "--json_out", str(table))
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines()]
+    assert rows[1][-3:] == ["disagg", "/", "colocated"]
+    assert rows[2:5] == [
+        ["0.5", "0.25", "0.0625", "1.2", ">=2", ">=1.67"],
+        ["1", "0.5", "0.125", "1.7", ">=2", ">=1.18"],
+        ["2", "1", "0.25", ">=2", ">=2", "-"],
+    ]
+    data = json.loads(table.read_text())
+    assert data["scales"] == [0.5, 1.0, 2.0] and data["workload"] == "fixed"
+    assert [s["by_scale"][1]["goodput"]["per_gpu"] for s in data["systems"]] == [pytest.approx(1.7), 2.0]
+    assert png.read_bytes().startswith(PNG_MAGIC) and png.stat().st_size > 5000
+    assert _bench("slo", str(a)).returncode == 0  # default scales, table only
+
+
+def test_slo_command_errors(tmp_path):
+    good, chat, bare, micro = (tmp_path / f"{n}.json" for n in ("good", "chat", "bare", "micro"))
+    good.write_text(json.dumps(_result(HAND)))
+    chat.write_text(json.dumps(_result(HAND, workload="chat")))
+    stripped = _result(HAND)
+    for p in stripped["points"]:
+        del p["requests"]
+    bare.write_text(json.dumps(stripped))
+    micro.write_text(json.dumps({"rows": []}))
+    for args, message in [
+        ([], "slo takes result JSON files"),
+        ([str(tmp_path / "missing.json")], "cannot read"),
+        ([str(micro)], "is not a jdisagg.bench result"),
+        ([str(good), str(chat)], "has workload 'chat'"),
+        ([str(bare)], "stores no request records"),
+        ([str(good), "--scales", "1,x"], "--scales takes comma-separated numbers"),
+        ([str(good), "--scales", "0,1"], "SLO scales must be positive"),
+    ]:
+        proc = _bench("slo", *args, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
 
 
 def test_micro_is_dispatched():

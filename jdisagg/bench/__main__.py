@@ -5,11 +5,15 @@
     python -m jdisagg.bench run --model tiny-llama --mesh cpu-tp2-pp2 --workload fixed \\
         --input_len 16 --output_len 8 --rates 20,40 --num_requests 12 --out r.json
     python -m jdisagg.bench plot disagg.json colocated.json --out fig8.png
+    python -m jdisagg.bench slo colocated.json disagg.json --scales 0.5,1,2 --out slo.png --json_out slo.json
     python -m jdisagg.bench micro ...          # jdisagg.bench.micro: kernel-level timings
 
 ``run`` drives an existing server (``--target``) or starts one in this process
 (``--model`` + ``--mesh``), prints one table row per rate and writes the JSON result and
-plots. Bad flags print one line to stderr and exit with status 2.
+plots. ``plot`` and ``slo`` work offline on result files: ``slo`` rescores each at several
+SLO scales (both SLOs times k) from its request records and prints per-GPU goodput per scale
+and system, with each system's ratio to the first file's. Bad flags or inputs print one line
+to stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from jdisagg import platform
 
 FLAGS = flags.FLAGS
 _PROG = "jdisagg.bench"
-_COMMANDS = ("run", "plot", "micro")
+_COMMANDS = ("run", "plot", "slo", "micro")
+_RESULT_KEYS = ("workload", "slo", "target_attainment", "gpus", "goodput", "points")  # what plot and slo read
 
 
 _DEFAULTS: dict[str, object] = {}  # this command's default of each flag it reads
@@ -46,7 +51,7 @@ def _flag(name: str):
 
 
 def _define_flags() -> None:
-    """The flags of ``run`` and ``plot`` (not defined for ``micro``, which has its own)."""
+    """The flags of ``run``, ``plot`` and ``slo`` (not defined for ``micro``, which has its own)."""
     from jdisagg.bench.workloads import WORKLOADS
 
     _define(flags.DEFINE_string, "target", "", "Server to benchmark, host:port; or start one with --model and --mesh.")
@@ -64,7 +69,7 @@ def _define_flags() -> None:
     _define(flags.DEFINE_integer, "gpus", 0, "GPUs of the system, for per-GPU rates; 0: the server's devices.")
     _define(flags.DEFINE_integer, "seed", 0, "Seed of arrivals, lengths and prompts.")
     _define(flags.DEFINE_string, "label", "", "Name of this system in plots; default the server's mesh preset.")
-    _define(flags.DEFINE_string, "out", "", "run: JSON result file (none if empty); plot: the PNG to write.")
+    _define(flags.DEFINE_string, "out", "", "run: JSON result file (none if empty); plot, slo: the PNG to write.")
     _define(flags.DEFINE_string, "plots_dir", "", "Write attainment.png and latency_cdf.png here.")
     _define(flags.DEFINE_integer, "vocab_size", 0, "Prompt ids come from [3, vocab_size); 0: the server's vocabulary.")
     _define(flags.DEFINE_integer, "input_len", 512, "fixed: prompt tokens.")
@@ -76,6 +81,10 @@ def _define_flags() -> None:
     _define(flags.DEFINE_float, "trace_speed", 1.0, "trace: replay speed (2 sends twice as fast).")
     _define(flags.DEFINE_float, "wait_s", 600.0, "Seconds to wait for --target to report SERVING.")
     _define(flags.DEFINE_bool, "progress", True, "Show progress bars.")
+    _define(
+        flags.DEFINE_list, "scales", ["0.25", "0.5", "0.75", "1", "1.5", "2"], "slo: SLO scales (both SLOs times k)."
+    )
+    _define(flags.DEFINE_string, "json_out", "", "slo: also write the table as JSON here.")
 
 
 def _fail(message: str, status: int = 2) -> None:
@@ -168,6 +177,19 @@ def run(args: list[str]) -> None:
             print(f"{_PROG}: wrote {path}")
 
 
+def _read_results(paths: list[str]) -> list[dict]:
+    results = []
+    for path in paths:
+        try:
+            results.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            _fail(f"cannot read {path}: {e}")
+        missing = [k for k in _RESULT_KEYS if not isinstance(results[-1], dict) or k not in results[-1]]
+        if missing:
+            _fail(f"{path} is not a jdisagg.bench result (no {', '.join(repr(k) for k in missing)})")
+    return results
+
+
 def plot(args: list[str]) -> None:
     from jdisagg.bench import plots
 
@@ -177,15 +199,34 @@ def plot(args: list[str]) -> None:
     if not out:
         _fail("plot needs --out FILE.png")
     _need_matplotlib()
-    results = []
-    for path in args:
-        try:
-            results.append(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            _fail(f"cannot read {path}: {e}")
-        if not isinstance(results[-1], dict) or "points" not in results[-1]:
-            _fail(f"{path} is not a jdisagg.bench result (no 'points')")
+    results = _read_results(args)
     print(f"{_PROG}: wrote {plots.attainment_plot(results, out)}")
+
+
+def slo(args: list[str]) -> None:
+    from jdisagg.bench import plots, stats
+
+    out, json_out, scales = _flag("out"), _flag("json_out"), _flag("scales")
+    if not args:
+        _fail("slo takes result JSON files, the baseline first: slo colocated.json disagg.json --out fig.png")
+    try:
+        scales = [float(k) for k in scales]
+    except ValueError:
+        _fail(f"--scales takes comma-separated numbers, not {','.join(scales)}")
+    if out:
+        _need_matplotlib()
+    results = _read_results(args)
+    try:
+        table = stats.slo_scale_table(results, scales)
+    except ValueError as e:
+        _fail(str(e))  # names results by position (result 2: the second file) and label
+    print(stats.format_slo_table(table), flush=True)
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(table, indent=1))
+        print(f"{_PROG}: wrote {json_out}")
+    if out:
+        print(f"{_PROG}: wrote {plots.slo_scale_plot(table, out)}")
 
 
 def main(argv: list[str]) -> None:
@@ -194,8 +235,10 @@ def main(argv: list[str]) -> None:
         run(args)
     elif command == "plot":
         plot(args)
+    elif command == "slo":
+        slo(args)
     else:
-        _fail(f"give a command: {', '.join(_COMMANDS)} (not {command!r})" if command else "give a command: run, plot")
+        _fail(f"give a command: {', '.join(_COMMANDS)}" + (f" (not {command!r})" if command else ""))
 
 
 def entry() -> None:

@@ -6,6 +6,9 @@
 * ``latency_cdf_plot``: the CDFs of TTFT and TPOT for one result, one curve per rate, with
   the SLOs as dotted lines, on a log time axis. The curves count failed requests in the
   denominator, so a point with failures never reaches 1.
+* ``slo_scale_plot``: per-GPU goodput against SLO scale (both SLOs times k), one line per
+  system, from ``stats.slo_scale_table``, like DistServe's SLO-scale figures; a goodput that is
+  only a lower bound (every swept rate met the target) is drawn as an upward triangle.
 """
 
 from __future__ import annotations
@@ -68,6 +71,32 @@ def latency_cdf_plot(result: dict, out: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.suptitle(_title([result]))
+    return _save(fig, out)
+
+
+def slo_scale_plot(table: dict, out: str | Path) -> Path:
+    """Per-GPU goodput vs SLO scale for each system of ``stats.slo_scale_table``; writes ``out``."""
+    fig, (ax,) = _figure(6.4, 4.2)
+    scales = table["scales"]
+    for i, system in enumerate(table["systems"]):
+        color = f"C{i % 10}"
+        goods = [s["goodput"] for s in system["by_scale"]]
+        ax.plot(scales, [g["per_gpu"] for g in goods], "-", color=color, label=system["label"])
+        for marker, lower_bound in (("o", False), ("^", True)):
+            points = [(k, g["per_gpu"]) for k, g in zip(scales, goods, strict=True) if g["lower_bound"] == lower_bound]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker, color=color)
+    if any(s["goodput"]["lower_bound"] for system in table["systems"] for s in system["by_scale"]):
+        ax.plot([], [], "^", color="gray", label="lower bound (all swept rates met the target)")
+    ax.axvline(1.0, color="gray", linestyle=":", linewidth=1)
+    slo = table["slo"]
+    ax.set_xlabel(f"SLO scale k (TTFT <= k * {slo['ttft_s']:g} s, TPOT <= k * {slo['tpot_s']:g} s)")
+    ax.set_ylabel(f"goodput at {table['target_attainment']:.0%} (requests/s per GPU)")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{table['workload']}: goodput vs SLO scale")
+    ax.legend()
+    ax.grid(alpha=0.3)
     return _save(fig, out)
 
 

@@ -16,13 +16,19 @@ meet it (failed requests count as misses). *Goodput* is the highest rate whose a
 >= the target (0.9 by default), linearly interpolated between the two sweep points that
 bracket the target; see ``goodput``.
 
-Every function here is pure and works on ``RequestResult`` records, so tests can check
-them by hand.
+*SLO scale* k multiplies both SLOs by k (DistServe's tightness axis). ``rescore`` recomputes a
+stored result's attainments and goodput at scale k from its request records, with the same
+rule as ``meets_slo``, so scale 1 gives back the stored numbers exactly; ``slo_scale_table``
+does that for several systems over several scales.
+
+Every function here is pure and works on ``RequestResult`` records or the plain JSON data
+made from them, so tests can check them by hand.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 from collections.abc import Sequence
 
@@ -62,6 +68,10 @@ class Slo:
     ttft_s: float
     tpot_s: float
 
+    def scaled(self, k: float) -> Slo:
+        """Both SLOs times ``k`` (the SLO scale)."""
+        return Slo(self.ttft_s * k, self.tpot_s * k)
+
 
 @dataclasses.dataclass(frozen=True)
 class Goodput:
@@ -92,10 +102,18 @@ def e2e(r: RequestResult) -> float | None:
 
 def meets_slo(r: RequestResult, slo: Slo) -> bool:
     """Finished without error, TTFT within ``slo.ttft_s`` and TPOT (when defined) within ``slo.tpot_s``."""
-    if not r.ok:
-        return False
-    t = tpot(r)
-    return ttft(r) <= slo.ttft_s and (t is None or t <= slo.tpot_s)
+    return _within_slo(r.error, ttft(r), tpot(r), slo)
+
+
+def record_meets_slo(record: dict, slo: Slo) -> bool:
+    """``meets_slo`` of a stored ``request_record``, so a result can be rescored for another SLO."""
+    return _within_slo(record["error"], record["ttft"], record["tpot"], slo)
+
+
+def _within_slo(error: str, ttft_s: float | None, tpot_s: float | None, slo: Slo) -> bool:
+    """The SLO rule. ``ttft_s`` is None when no token came (a miss); ``tpot_s`` is None for one
+    output token (only the TTFT counts)."""
+    return not error and ttft_s is not None and ttft_s <= slo.ttft_s and (tpot_s is None or tpot_s <= slo.tpot_s)
 
 
 # ---- over requests --------------------------------------------------------------------------
@@ -113,9 +131,11 @@ def distribution(values: Sequence[float]) -> dict[str, float | None]:
 
 def attainment(results: Sequence[RequestResult], slo: Slo) -> float:
     """Fraction of requests that meet both SLOs; failed requests count as misses."""
-    if not results:
-        return 0.0
-    return sum(meets_slo(r, slo) for r in results) / len(results)
+    return _fraction([meets_slo(r, slo) for r in results])
+
+
+def _fraction(hits: Sequence[bool]) -> float:
+    return sum(hits) / len(hits) if hits else 0.0
 
 
 def goodput(rates: Sequence[float], attainments: Sequence[float], target: float = 0.9) -> Goodput:
@@ -195,6 +215,131 @@ def request_record(r: RequestResult, slo: Slo) -> dict:
         "meets_slo": meets_slo(r, slo),
         "server": r.server,
     }
+
+
+# ---- SLO scale -----------------------------------------------------------------------------
+
+# Results compared over SLO scales must agree on these: the same load and the same scale-1 SLOs.
+SAME_ACROSS_SYSTEMS = ("workload", "workload_options", "cv", "slo", "target_attainment")
+
+
+def rescore(result: dict, scale: float) -> dict:
+    """A stored result (``loadgen.run_benchmark``) with both SLOs multiplied by ``scale``.
+
+    Each point's attainment is recomputed from its request records with ``record_meets_slo``
+    and the goodput from those with ``goodput``, per GPU as in the result, so ``scale`` 1 gives
+    back the stored ``attainment`` of every point and the stored ``goodput`` exactly. Returns
+    ``{"scale", "slo", "attainment": [one per point], "goodput": {"rate", "per_gpu", "lower_bound"}}``;
+    raises ValueError when a point does not store a record for each of its requests.
+    """
+    slo = Slo(**result["slo"]).scaled(scale)
+    attainments = []
+    for p in result["points"]:
+        records = p.get("requests")
+        if records is None or len(records) != p["num_requests"]:
+            stored = "no" if records is None else len(records)
+            raise ValueError(
+                f"the point at {p['rate']:g} req/s stores {stored} request records for {p['num_requests']} "
+                "requests; rescoring needs all of them (results of jdisagg.bench run)"
+            )
+        attainments.append(_fraction([record_meets_slo(r, slo) for r in records]))
+    good = goodput([p["rate"] for p in result["points"]], attainments, result["target_attainment"])
+    return {
+        "scale": scale,
+        "slo": dataclasses.asdict(slo),
+        "attainment": attainments,
+        "goodput": {"rate": good.rate, "per_gpu": good.rate / result["gpus"], "lower_bound": good.lower_bound},
+    }
+
+
+def slo_scale_table(results: Sequence[dict], scales: Sequence[float]) -> dict:
+    """Per-GPU goodput of each result (system) at each SLO scale, and each one's ratio to the first's.
+
+    The results must agree on ``SAME_ACROSS_SYSTEMS``; scales must be positive (they are
+    sorted, duplicates dropped). Returns plain JSON data: ``workload``, ``slo`` (scale 1),
+    ``target_attainment``, ``scales``; ``systems``, one per result with its ``label``, ``gpus``,
+    ``per_gpu_rates`` and ``by_scale`` (``rescore`` at each scale); and ``ratios``, one per
+    result after the first, with per scale a ``goodput_ratio`` of per-GPU goodputs (or None).
+    Raises ValueError for bad scales, results that do not agree, or ones without request records.
+    """
+    if not results:
+        raise ValueError("give at least one result")
+    if not scales or not all(math.isfinite(k) and k > 0 for k in scales):
+        raise ValueError(f"SLO scales must be positive numbers, not {', '.join(f'{k:g}' for k in scales) or 'none'}")
+    scales = sorted(set(scales))
+    labels = [r.get("label") or f"system {i + 1}" for i, r in enumerate(results)]
+    first = results[0]
+    for i, r in enumerate(results[1:], 1):
+        for key in SAME_ACROSS_SYSTEMS:
+            if r.get(key) != first.get(key):
+                raise ValueError(
+                    f"result {i + 1} ({labels[i]}) has {key} {r.get(key)!r} but result 1 ({labels[0]}) has "
+                    f"{first.get(key)!r}: compare runs of one workload with the same SLOs"
+                )
+    systems = []
+    for i, r in enumerate(results):
+        try:
+            by_scale = [rescore(r, k) for k in scales]
+        except ValueError as e:
+            raise ValueError(f"result {i + 1} ({labels[i]}): {e}") from None
+        per_gpu_rates = [p["per_gpu_rate"] for p in r["points"]]
+        systems.append({"label": labels[i], "gpus": r["gpus"], "per_gpu_rates": per_gpu_rates, "by_scale": by_scale})
+    ratios = [
+        {
+            "numerator": s["label"],
+            "denominator": systems[0]["label"],
+            "by_scale": [
+                goodput_ratio(a["goodput"], b["goodput"])
+                for a, b in zip(s["by_scale"], systems[0]["by_scale"], strict=True)
+            ],
+        }
+        for s in systems[1:]
+    ]
+    return {
+        "workload": first["workload"],
+        "slo": first["slo"],
+        "target_attainment": first["target_attainment"],
+        "scales": scales,
+        "systems": systems,
+        "ratios": ratios,
+    }
+
+
+def goodput_ratio(a: dict, b: dict) -> dict | None:
+    """``a / b`` of two goodput records (per GPU) as ``{"value", "bound"}``: bound "" when both are
+    exact, ">=" when only ``a`` is a lower bound, "<=" when only ``b`` is. None when ``b`` is 0 or
+    both are lower bounds (then the ratio could be anything)."""
+    if b["per_gpu"] <= 0 or (a["lower_bound"] and b["lower_bound"]):
+        return None
+    bound = ">=" if a["lower_bound"] else "<=" if b["lower_bound"] else ""
+    return {"value": a["per_gpu"] / b["per_gpu"], "bound": bound}
+
+
+def format_slo_table(table: dict) -> str:
+    """The terminal table of ``slo_scale_table``: one row per scale, per-GPU goodput per system, then the ratios."""
+    slo, systems, ratios = table["slo"], table["systems"], table["ratios"]
+    names = [s["label"] for s in systems] + [f"{r['numerator']} / {r['denominator']}" for r in ratios]
+    widths = [max(9, len(n)) for n in names]
+    rows = [
+        f"per-GPU goodput (req/s/GPU) at {table['target_attainment']:.0%} attainment, {table['workload']} workload; "
+        f"SLO scale k: TTFT <= k * {slo['ttft_s']:g} s, TPOT <= k * {slo['tpot_s']:g} s",
+        f"{'k':>6} {'TTFT SLO':>9} {'TPOT SLO':>9}  "
+        + " ".join(f"{n:>{w}}" for n, w in zip(names, widths, strict=True)),
+    ]
+    for i, k in enumerate(table["scales"]):
+        goods = [s["by_scale"][i]["goodput"] for s in systems]
+        cells = [f"{'>=' if g['lower_bound'] else ''}{g['per_gpu']:.3g}" for g in goods]
+        cells += ["-" if (q := r["by_scale"][i]) is None else f"{q['bound']}{q['value']:.2f}" for r in ratios]
+        scaled = systems[0]["by_scale"][i]["slo"]
+        rows.append(
+            f"{k:>6g} {scaled['ttft_s']:>9.3g} {scaled['tpot_s']:>9.3g}  "
+            + " ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True))
+        )
+    if any(b["goodput"]["lower_bound"] for s in systems for b in s["by_scale"]):
+        rows.append(">=: every swept rate met the target, so goodput is at least the highest rate (sweep higher)")
+    if any(q is None for r in ratios for q in r["by_scale"]):
+        rows.append("-: no ratio (the first system's goodput is 0, or both goodputs are lower bounds)")
+    return "\n".join(rows)
 
 
 def format_table(result: dict) -> str:
