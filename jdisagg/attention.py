@@ -20,7 +20,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jax.sharding import Mesh
 
 from jdisagg import model
 from jdisagg.config import ModelConfig
@@ -134,22 +133,12 @@ class MixedKV:
         return out, self.replace(k_pages=packed.k_pages, v_pages=packed.v_pages)
 
 
-def unroll_layers(mesh: Mesh) -> bool:
-    """Whether programs on ``mesh`` unroll the layer loop (else they loop over the stack).
-
-    On GPUs, XLA copies each layer's weights out of the stacked arrays when the layers run
-    in a loop: on an H200 those copies were 7 of the 12.7 ms of a Llama-3-8B decode step at
-    batch 8 (unrolled: 6.0 ms; prefill of 128 tokens 13.5 -> 8.3 ms). Unrolled programs take
-    longer to compile. CPUs ran slower unrolled, and TPUs are left looping.
-    """
-    return mesh.devices.flat[0].platform == "gpu"
-
-
 def forward_layers(cfg: ModelConfig, layers: dict, x_btd: jax.Array, pos_bt: jax.Array, kv, *, unroll: bool):
     """Runs every layer in ``layers`` (stacked on axis 0) against cache ``kv``.
 
     ``kv`` holds exactly the layers in ``layers`` (a pipeline stage passes its own slice).
-    ``unroll`` (see ``unroll_layers``) unrolls the loop over them.
+    ``unroll`` unrolls the loop over them (the preset's ``unroll_layers``: on GPUs XLA copies
+    each layer's weights out of the stack inside the loop, ~2x slower decode).
     Returns the hidden states and the updated cache.
     """
 

@@ -23,7 +23,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jdisagg import model, sharding
-from jdisagg.attention import NULL_PAGE, MixedKV, PagedKV, forward_layers, unroll_layers
+from jdisagg.attention import NULL_PAGE, MixedKV, PagedKV, forward_layers
 from jdisagg.config import ModelConfig
 from jdisagg.pages import pages_for
 from jdisagg.platform import Program
@@ -173,6 +173,7 @@ class DecodeRunner:
         micro_batches: int,
         chunk_tokens: int = 0,
         batch_buckets: tuple[int, ...] = (),
+        unroll: bool = False,
     ):
         self.cfg, self.params, self.mesh = cfg, params, mesh
         self.chunk_tokens = chunk_tokens  # > 0: this instance also prefills, in chunks of this size
@@ -197,7 +198,6 @@ class DecodeRunner:
         zeros = jax.jit(lambda: jnp.zeros(shape, cfg.dtype), out_shardings=self.pages_sharding)
         self.k_pages, self.v_pages = zeros(), zeros()
         replicated = NamedSharding(mesh, PartitionSpec())
-        unroll = unroll_layers(mesh)
         self._step = jax.jit(
             functools.partial(
                 decode_step, cfg, stages=stages, micro=micro_batches, stage_sharding=stage_sharding, unroll=unroll

@@ -72,7 +72,7 @@ def auto_pages(cfg, mesh, spec, preset: MeshPreset) -> int:
     return pages
 
 
-def prefill_runner(cfg, params, mesh, spec, length_buckets: tuple[int, ...]) -> PrefillRunner:
+def prefill_runner(cfg, params, mesh, spec, preset: MeshPreset, length_buckets: tuple[int, ...]) -> PrefillRunner:
     """The prefill runner of instance ``spec`` (params already placed on ``mesh``)."""
     return PrefillRunner(
         cfg,
@@ -83,6 +83,7 @@ def prefill_runner(cfg, params, mesh, spec, length_buckets: tuple[int, ...]) -> 
         max_batch=spec.max_batch,
         token_budget=spec.token_budget,
         batch_buckets=spec.batch_buckets,
+        unroll=preset.unroll_layers,
     )
 
 
@@ -100,6 +101,7 @@ def decode_runner(cfg, params, mesh, spec, preset: MeshPreset, n_pages: int) -> 
         micro_batches=spec.micro_batches,
         chunk_tokens=spec.chunk_tokens,
         batch_buckets=spec.batch_buckets,
+        unroll=preset.unroll_layers,
     )
 
 
@@ -137,7 +139,7 @@ class Engine:
             mesh_ = sharding.make_mesh([devices[i] for i in spec.devices], spec.pp, spec.tp)
             params = self.model.place(sharding.param_shardings(abstract, mesh_, spec.rules))
             if spec.runs_prefill:
-                self.prefill.append(prefill_runner(cfg, params, mesh_, spec, self.length_buckets))
+                self.prefill.append(prefill_runner(cfg, params, mesh_, spec, preset, self.length_buckets))
             if spec.runs_decode:
                 n_pages = spec.pages or auto_pages(cfg, mesh_, spec, preset)
                 runner = decode_runner(cfg, params, mesh_, spec, preset, n_pages)

@@ -45,9 +45,9 @@ class Program:
 def compile_all(programs: list[Program], done: Callable[[str], None] | None = None) -> float:
     """Compiles ``programs``, several at once; returns the seconds it took.
 
-    XLA compiles outside the Python lock and, on GPUs, autotunes each program's matmuls,
-    so start-up with dozens of shapes goes several times faster in threads. A later call
-    of the same function on arguments of the same shapes and shardings reuses the result.
+    XLA compiles outside the Python lock, so shapes compile in threads (not on GPUs, below).
+    A later call of the same function on arguments of the same shapes and shardings reuses
+    the result.
     """
     start = time.perf_counter()
 
@@ -55,7 +55,13 @@ def compile_all(programs: list[Program], done: Callable[[str], None] | None = No
         p.jitted.lower(*p.args).compile()
         return p.label
 
-    workers = max(1, min(len(programs), os.cpu_count() or 1, MAX_COMPILE_THREADS))
+    # On GPUs one at a time: XLA autotunes a program's matmuls by timing them on the device,
+    # and concurrent autotuning on an H200 ran each compile several times slower and out of
+    # device memory beside an auto-sized page pool.
+    import jax
+
+    parallel = jax.default_backend() != "gpu"
+    workers = max(1, min(len(programs), os.cpu_count() or 1, MAX_COMPILE_THREADS)) if parallel else 1
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool:
         for label in pool.map(one, programs):
             if done:

@@ -18,7 +18,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from jdisagg import model, sharding
-from jdisagg.attention import PromptKV, forward_layers, unroll_layers
+from jdisagg.attention import PromptKV, forward_layers
 from jdisagg.config import ModelConfig
 from jdisagg.platform import Program
 from jdisagg.sampling import Logprob, SamplingArrays, SamplingParams, sample
@@ -94,6 +94,7 @@ class PrefillRunner:
         max_batch: int,
         token_budget: int,
         batch_buckets: tuple[int, ...] = (),
+        unroll: bool = False,
     ):
         self.cfg, self.params, self.mesh = cfg, params, mesh
         self.length_buckets = length_buckets
@@ -103,7 +104,7 @@ class PrefillRunner:
         prefix_sharding = sharding.named_sharding(mesh, sharding.PREFIX_AXES, rules)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self._step = jax.jit(
-            functools.partial(prefill_step, cfg, unroll=unroll_layers(mesh)),
+            functools.partial(prefill_step, cfg, unroll=unroll),
             out_shardings=(replicated, kv_sharding, kv_sharding),
         )
         # Splits a batch's KV into per-request prefixes, on the prefill mesh.

@@ -20,7 +20,7 @@ from jdisagg import sharding, toml_file
 from jdisagg.config import ModelConfig
 
 ROLES = ("prefill", "decode", "colocated", "chunked")
-_TOP_KEYS = {"name", "description", "page_size", "max_seq_len", "length_buckets", *ROLES}
+_TOP_KEYS = {"name", "description", "page_size", "max_seq_len", "length_buckets", "unroll_layers", *ROLES}
 _INSTANCE_KEYS = {
     "devices",
     "pp",
@@ -76,6 +76,11 @@ class MeshPreset:
     length_buckets: tuple[int, ...] = ()  # compiled prompt lengths; () means powers of two up to max_seq_len
     description: str = ""
     source: str = ""
+    # Unroll the loop over layers in every program. On GPUs XLA copies each layer's weights
+    # out of the stacked arrays inside the loop: unrolled, a Llama-3-8B decode step at batch
+    # 8 took 6.0 ms instead of 12.7 on an H200, but each new batch shape took ~20 s to
+    # compile instead of ~3 (BENCHMARKS.md). Off by default.
+    unroll_layers: bool = False
 
     @property
     def colocated(self) -> bool:
@@ -224,7 +229,15 @@ def parse(data: dict, where: str) -> MeshPreset:
         instances=tuple(instances),
         description=str(data.get("description", "")),
         source=where,
+        unroll_layers=_bool(data, "unroll_layers", where),
     )
+
+
+def _bool(data: dict, key: str, where: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: {key} must be true or false, not {value!r}")
+    return value
 
 
 def load_preset(name_or_path: str) -> MeshPreset:

@@ -296,7 +296,7 @@ class Bench:
         if self._prefill is None:
             spec = self.prefill_spec
             mesh, params = self.place([self.devices[i] for i in spec.devices], spec.pp, spec.tp, spec.rules)
-            self._prefill = prefill_runner(self.cfg, params, mesh, spec, self.length_buckets)
+            self._prefill = prefill_runner(self.cfg, params, mesh, spec, self.preset, self.length_buckets)
         return self._prefill
 
     def decode_runner(self, spec: InstanceSpec, n_pages: int = 0) -> DecodeRunner:
