@@ -82,7 +82,9 @@ def prefill_runner(cfg, params, mesh, spec, preset: MeshPreset, length_buckets: 
         length_buckets=length_buckets,
         max_batch=spec.max_batch,
         token_budget=spec.token_budget,
-        batch_buckets=spec.batch_buckets,
+        # A colocated instance's batch_buckets are its decode batches; its prefill batches
+        # are powers of two within the token budget.
+        batch_buckets=spec.batch_buckets if spec.role == "prefill" else (),
         unroll=preset.unroll_layers,
     )
 
@@ -280,7 +282,15 @@ class Engine:
                 r.mark("prefill_start")
         if not batch:
             return False
-        prefixes = runner.run([r.prefill_tokens for r in batch], [r.params for r in batch])
+        try:
+            prefixes = runner.run([r.prefill_tokens for r in batch], [r.params for r in batch])
+        except Exception as e:  # the batch is in no queue now: end it here, then let the worker die
+            with self.lock:
+                for r in batch:
+                    r.error = f"prefill failed: {e}"
+                    self._finish(r, "error")
+                self.wake.notify_all()
+            raise
         with self.lock:
             for r, prefix in zip(batch, prefixes, strict=True):
                 r.mark("prefill_end")

@@ -99,7 +99,8 @@ class PrefillRunner:
         self.cfg, self.params, self.mesh = cfg, params, mesh
         self.length_buckets = length_buckets
         self.token_budget = token_budget
-        self.batch_buckets = tuple(batch_buckets) or powers_of_two(max_batch)
+        # Batch 1 always: a prompt of a length bucket that no larger batch fits runs alone.
+        self.batch_buckets = tuple(sorted({1, *(batch_buckets or powers_of_two(max_batch))}))
         kv_sharding = sharding.named_sharding(mesh, sharding.PROMPT_KV_AXES, rules)
         prefix_sharding = sharding.named_sharding(mesh, sharding.PREFIX_AXES, rules)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

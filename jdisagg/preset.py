@@ -52,7 +52,10 @@ class InstanceSpec:
     pages: int = 0  # decode: KV pages in the pool, the null page included; 0 sizes it from free memory
     micro_batches: int = 0  # decode: pipeline micro-batches; 0 means pp
     chunk_tokens: int = 0  # chunked: prompt tokens prefilled per decode step
-    batch_buckets: tuple[int, ...] = ()  # compiled batch sizes; () means powers of two up to max_batch
+    # Compiled batch sizes of the instance's main step (prefill: prompts per call; decode,
+    # colocated, chunked: decode rows); () means powers of two up to max_batch. A colocated
+    # instance's prefill batches are powers of two within token_budget; prefill always has 1.
+    batch_buckets: tuple[int, ...] = ()
 
     @property
     def where(self) -> str:

@@ -1,5 +1,7 @@
 """Greedy (and seeded sampling) tokens are identical on every mesh layout."""
 
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -176,3 +178,40 @@ def test_chunked_prefill_matches(model_name):
         np.testing.assert_allclose([lp.logprob for lp in got.logprobs], [lp.logprob for lp in want.logprobs], atol=1e-4)
     slots = engine.decode[0].slots
     assert slots.chunking is None and slots.allocator.num_free == slots.allocator.capacity
+
+
+def test_colocated_compiles_every_shape_at_start_up(tmp_path, caplog):
+    """A colocated instance whose decode batch buckets exceed the prefill token budget: its
+    prefill batches stay powers of two within the budget (batch 1 for long prompts), warm-up
+    compiles every shape the requests then use, and tokens equal one device's."""
+    (tmp_path / "colocated.toml").write_text(
+        'name = "colocated-buckets"\npage_size = 16\nmax_seq_len = 256\n\n'
+        "[[colocated]]\ndevices = [0]\nmax_batch = 8\nbatch_buckets = [4, 8]\ntoken_budget = 64\npages = 64\n"
+    )
+    prompts = _prompts(seed=11, lengths=(5, 100, 200, 9, 30))
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    reference = Engine("tiny-llama", "cpu-single", warm_up=False, progress=False).generate(prompts, params)
+    engine = Engine("tiny-llama", str(tmp_path / "colocated.toml"), progress=False)
+    runner = engine.prefill[0]
+    assert {t for b, t in runner.shapes() if b == 1} == set(runner.length_buckets)
+    assert all(b * t <= 64 for b, t in runner.shapes() if b > 1)
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        results = engine.generate(prompts, params)
+    compiled = [
+        r.getMessage() for r in caplog.records if "prefill_step" in r.getMessage() or "decode_step" in r.getMessage()
+    ]
+    assert not compiled, compiled
+    assert [c.tokens for c in results] == [c.tokens for c in reference]
+
+
+def test_unrolled_layers_give_the_same_tokens(tmp_path):
+    """``unroll_layers = true`` (the GPU option) on a tp=2 -> pp=2 pipeline: the same tokens
+    as one device with the layer loop."""
+    text = (Path(__file__).resolve().parent.parent / "meshes" / "cpu-tp2-pp2.toml").read_text()
+    (tmp_path / "unrolled.toml").write_text(f"unroll_layers = true\n{text}")
+    prompts = _prompts(seed=12)
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    reference = Engine("tiny-llama", "cpu-single", warm_up=False, progress=False).generate(prompts, params)
+    engine = Engine("tiny-llama", str(tmp_path / "unrolled.toml"), warm_up=False, progress=False)
+    assert engine.preset.unroll_layers and engine.decode[0].runner.stages == 2
+    assert [c.tokens for c in engine.generate(prompts, params)] == [c.tokens for c in reference]

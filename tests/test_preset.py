@@ -45,6 +45,11 @@ def test_presets_by_name_and_required_platforms():
         preset.load_preset("/no/such/preset.toml")
 
 
+def test_unroll_layers_is_read(tmp_path):
+    assert not _load(tmp_path, GOOD).unroll_layers
+    assert _load(tmp_path, GOOD.replace("max_seq_len = 512", "max_seq_len = 512\nunroll_layers = true")).unroll_layers
+
+
 def test_good_preset_validates(tmp_path):
     _load(tmp_path, GOOD).validate(shape("tiny-llama"), 8)
     assert _load(tmp_path, GOOD.replace("pages = 64", "")).decode[0].pages == 0  # sized from memory at start
@@ -71,6 +76,7 @@ def test_pages_must_be_given_without_memory_statistics(tmp_path):
         (("devices = [0, 1, 2, 3]", "devices = [0, 0, 2, 3]"), r"lists a device twice"),
         (("tp = 4", "tp = 2\npp = 2"), r"prefill\[0\].pp=2: prefill runs tensor parallel only"),
         (("max_seq_len = 512", "max_seq_len = ["), r"invalid TOML"),
+        (("max_seq_len = 512", "max_seq_len = 512\nunroll_layers = 1"), r"unroll_layers must be true or false"),
     ],
 )
 def test_bad_preset_names_the_field(tmp_path, edit, message):

@@ -277,3 +277,42 @@ def test_full_queue_is_resource_exhausted():
             assert all(sum(len(m.token_ids) for m in call) == 2 for call in held)  # nothing accepted is lost
     finally:
         server.stop()
+
+
+def test_failed_prefill_ends_its_streams(monkeypatch):
+    """A prefill call that raises (say, out of device memory) ends the batch it was running
+    with INTERNAL and a message, as well as every other held request, and the server reports
+    NOT_SERVING: no stream is left waiting."""
+    engine = Engine("tiny-llama", "cpu-colocated-tp4", warm_up=False, progress=False)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory (injected)")
+
+    monkeypatch.setattr(engine.prefill[0], "run", fail)
+    server = Server(engine, port=0, max_queue=8)
+    server.grpc.start()  # workers held back until all four are queued: one prefill batch takes them
+    server.set_ready()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                futures = [
+                    pool.submit(_collect, stub, _request([5, 6 + i], max_tokens=3), timeout=60) for i in range(4)
+                ]
+                deadline = time.time() + 30
+                while len(engine.queue) < 4 and time.time() < deadline:
+                    time.sleep(0.05)
+                for w in server.workers:
+                    w.start()
+                errors = []
+                for f in futures:
+                    with pytest.raises(grpc.RpcError) as err:
+                        f.result(timeout=60)
+                    errors.append(err.value)
+            health = health_pb2_grpc.HealthStub(channel)
+            status = health.Check(health_pb2.HealthCheckRequest()).status
+    finally:
+        server.stop()
+    assert [e.code() for e in errors] == [grpc.StatusCode.INTERNAL] * 4
+    assert all("prefill failed" in e.details() and "injected" in e.details() for e in errors)
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
