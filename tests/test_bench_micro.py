@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from jdisagg import config
 from jdisagg.bench import micro
@@ -88,3 +89,22 @@ def test_command_line(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "kv_transfer.transfer" in proc.stdout
     assert [r["bench"] for r in json.loads(out.read_text())["rows"]] == ["ceilings"] * 2 + ["transfer"] * 2
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--unroll_layers", "maybe"], "should be one of"),
+        (["--repeats", "x"], "--repeats"),
+        (["--mesh", "no-such-mesh"], "no-such-mesh"),
+    ],
+)
+def test_bad_flags_exit_2(args, message):
+    proc = subprocess.run(
+        [sys.executable, "-m", "jdisagg.bench", "micro", "--which", "ceilings", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr

@@ -92,6 +92,12 @@ def _fail(message: str, status: int = 2) -> None:
     sys.exit(status)
 
 
+def _write_json(path: str, value) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(value, indent=1))
+    print(f"{_PROG}: wrote {path}")
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return FLAGS(argv)
@@ -169,9 +175,7 @@ def run(args: list[str]) -> None:
         _fail(f"{e.code().name}: {e.details()}", 1)
     print(stats.format_table(result), flush=True)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=1))
-        print(f"{_PROG}: wrote {out}")
+        _write_json(out, result)
     if plots_dir:
         for path in plots.run_plots(result, plots_dir):
             print(f"{_PROG}: wrote {path}")
@@ -222,9 +226,7 @@ def slo(args: list[str]) -> None:
         _fail(str(e))  # names results by position (result 2: the second file) and label
     print(stats.format_slo_table(table), flush=True)
     if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(table, indent=1))
-        print(f"{_PROG}: wrote {json_out}")
+        _write_json(json_out, table)
     if out:
         print(f"{_PROG}: wrote {plots.slo_scale_plot(table, out)}")
 
@@ -247,7 +249,7 @@ def entry() -> None:
         del sys.argv[1]
         from jdisagg.bench import micro
 
-        app.run(micro.main)
+        app.run(micro.main, flags_parser=micro.parse_flags)
     _define_flags()
     app.run(main, flags_parser=_parse_flags)
 

@@ -107,6 +107,12 @@ _PP_BATCH = _Flag(flags.DEFINE_integer, "pp_batch", 0, "Batch of the pp benchmar
 _PP_CONTEXT = _Flag(flags.DEFINE_integer, "pp_context", 512, "Context tokens per request in the pp benchmark.")
 _REPEATS = _Flag(flags.DEFINE_integer, "repeats", 10, "Timed calls per measurement (the median is reported).")
 _JSON_OUT = _Flag(flags.DEFINE_string, "json_out", "", "Write every row (and the ceilings) as JSON to this file.")
+_UNROLL = _Flag(
+    lambda name, default, help: flags.DEFINE_enum(name, default, ["preset", "true", "false"], help),
+    "unroll_layers",
+    "preset",
+    "Unroll the layer loop (true/false); default: the mesh preset's unroll_layers.",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +131,7 @@ class Options:
     pp_context: int = 512
     repeats: int = 10
     json_out: str = ""
+    unroll_layers: bool | None = None  # None: the preset's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,8 +249,8 @@ def default_mesh() -> str:
     backend, n = jax.default_backend(), jax.device_count()
     if backend == "cpu":
         return "cpu-tp4-pp2tp2"
-    if backend == "gpu" and n >= 2:
-        return f"gpu-{8 if n >= 8 else 4 if n >= 4 else 2}"
+    if backend == "gpu":
+        return f"gpu-{8 if n >= 8 else 4 if n >= 4 else 2 if n >= 2 else 1}"
     raise ValueError(f"no default mesh preset for {n} {backend} device(s): pass --mesh")
 
 
@@ -263,6 +270,8 @@ class Bench:
     def __init__(self, options: Options):
         self.options = options
         self.preset: MeshPreset = load_preset(options.mesh or default_mesh())
+        if options.unroll_layers is not None:
+            self.preset = dataclasses.replace(self.preset, unroll_layers=options.unroll_layers)
         self.model = cards.open_model(cards.load_card(options.model or default_model()))
         self.cfg = self.model.cfg
         self.devices = jax.devices()
@@ -635,6 +644,7 @@ def options_from_flags() -> Options:
         pp_context=_PP_CONTEXT.value,
         repeats=_REPEATS.value,
         json_out=_JSON_OUT.value,
+        unroll_layers=None if _UNROLL.value == "preset" else _UNROLL.value == "true",
     )
 
 
@@ -651,6 +661,15 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with exit status 2 (and the reason) for a bad flag."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"jdisagg.bench.micro: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     platform.simulate_cpu_devices()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
