@@ -71,7 +71,11 @@ def main(argv: list[str]) -> None:
         os._exit(0)  # the compiler thread cannot be interrupted
     server.set_ready()
     print(f"jdisagg.serve: ready on {_HOST.value}:{server.port}", flush=True)
-    stop.wait()
+    while not stop.wait(0.2):
+        if server.failed.is_set():  # its requests have their errors; a fresh process is the way out
+            print("jdisagg.serve: error: a worker failed (see the log); exiting", file=sys.stderr)
+            server.stop()
+            os._exit(1)
     logging.info("draining")
     server.drain(timeout=_DRAIN_TIMEOUT.value)
 

@@ -4,8 +4,9 @@ Threads:
   * one worker per instance loops on its body in ``Engine.loops`` (``prefill_once`` for a
     prefill instance, ``decode_once`` for a decode or chunked one, prefill-first for a
     colocated one); each sleeps on ``Engine.wake`` when idle. A worker
-    that raises ends every held request with an error and marks the server NOT_SERVING,
-    so no stream hangs.
+    that raises ends every held request with an error, marks the server NOT_SERVING and
+    sets ``failed`` (``jdisagg.serve`` then exits 1, for a supervisor to restart it), so no
+    stream hangs.
   * gRPC handler threads turn requests into ``scheduler.Request``s, submit them, and stream
     from each request's event queue, detokenizing incrementally. A client that cancels or
     whose deadline passes cancels its request, which frees its queue slot, prefix KV and
@@ -63,6 +64,7 @@ class Server:
         self.ready = False
         self.draining = False
         self._stop = threading.Event()
+        self.failed = threading.Event()  # a worker died; the server only rejects from now on
         self._inflight = 0
         self._inflight_lock = threading.Lock()
         # A stream holds a handler thread for its whole life, so there is one thread for every
@@ -130,6 +132,7 @@ class Server:
             self.ready = False
             self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
             self.engine.fail_all(f"{name} failed: {e}")
+            self.failed.set()
 
     def _observe(self) -> None:
         m, e = self.metrics, self.engine

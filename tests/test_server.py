@@ -316,3 +316,4 @@ def test_failed_prefill_ends_its_streams(monkeypatch):
     assert [e.code() for e in errors] == [grpc.StatusCode.INTERNAL] * 4
     assert all("prefill failed" in e.details() and "injected" in e.details() for e in errors)
     assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert server.failed.is_set()  # jdisagg.serve exits 1 on this
