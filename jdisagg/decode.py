@@ -280,11 +280,10 @@ class DecodeRunner:
 
     def programs(self) -> list[Program]:
         """The step (and the chunked step) at every batch and width bucket, for ``compile_all``."""
-        out = []
+        out, state = [], (self.params, self.k_pages, self.v_pages)
         for b in self.batch_buckets:
             for w in self.width_buckets:
                 rows = ([0] * b, [-1] * b, [[NULL_PAGE] * w] * b, [SamplingParams()] * b)
-                state = (self.params, self.k_pages, self.v_pages)
                 out.append(Program(f"decode B={b} W={w}", self._step, (*state, *self._step_inputs(*rows))))
                 if self.chunk_tokens:
                     inputs = self._mixed_inputs(*rows, [0], 0, [], SamplingParams())

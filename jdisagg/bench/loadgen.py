@@ -231,7 +231,7 @@ async def run_benchmark(target: str, config: BenchConfig) -> dict:
             "vocab_size": info.vocab_size,
             "max_seq_len": info.max_seq_len,
         },
-        "goodput": {"rate": good.rate, "per_gpu": good.rate / gpus, "lower_bound": good.lower_bound},
+        "goodput": good.record(gpus),
         "points": summaries,
     }
 

@@ -78,6 +78,10 @@ class Goodput:
     rate: float  # requests/s at which attainment crosses the target
     lower_bound: bool  # the highest swept rate still met the target: goodput is at least ``rate``
 
+    def record(self, gpus: int) -> dict:
+        """As stored in a result: ``{"rate", "per_gpu", "lower_bound"}``."""
+        return {"rate": self.rate, "per_gpu": self.rate / gpus, "lower_bound": self.lower_bound}
+
 
 # ---- per request ----------------------------------------------------------------------------
 
@@ -248,7 +252,7 @@ def rescore(result: dict, scale: float) -> dict:
         "scale": scale,
         "slo": dataclasses.asdict(slo),
         "attainment": attainments,
-        "goodput": {"rate": good.rate, "per_gpu": good.rate / result["gpus"], "lower_bound": good.lower_bound},
+        "goodput": good.record(result["gpus"]),
     }
 
 
