@@ -7,6 +7,8 @@
 #   launch/gpu_experiment.sh /tmp/exp llama3-8b "gpu-2 gpu-2-colocated gpu-2-chunked" \
 #       "chat:4,8,12,16 code:8,16,24,32" 20
 #
+# Rates run lowest first; once a rate's attainment is below 50% the higher ones are skipped
+# (they cannot change the goodput, and an overloaded point takes long to drain).
 # SLOs are the DistServe paper's for OPT-13B: chat TTFT 0.25 s / TPOT 0.1 s, code 0.125 s / 0.2 s.
 # On a machine without network: HUMANEVAL is the HumanEval.lengths.json that a `code` run
 # writes next to its cached HumanEval file, and grpcio-health-checking / grpcio-reflection
@@ -14,14 +16,15 @@
 set -euo pipefail
 out=$1 model=$2 systems=$3 workloads=$4 seconds=${5:-20} humaneval=${6:-}
 mkdir -p "$out"
-port=50051
+port=50050
 for system in $systems; do
+  port=$((port + 1))
   log="$out/$model.$system.serve.log"
   python3 -m jdisagg.serve --model "$model" --mesh "$system" --port "$port" --metrics_port 0 >"$log" 2>&1 &
   pid=$!
   start=$(date +%s)
   until grep -q "ready on" "$log"; do
-    kill -0 "$pid" 2>/dev/null || { echo "server for $system died:"; tail -20 "$log"; exit 1; }
+    kill -0 "$pid" 2>/dev/null || { echo "== server for $system died:"; tail -20 "$log"; continue 2; }
     sleep 1
   done
   echo "== $system ready in $(( $(date +%s) - start ))s"
@@ -35,14 +38,13 @@ for system in $systems; do
     extra=()
     [[ $name == code && -n $humaneval ]] && extra=(--humaneval_path "$humaneval")
     python3 -m jdisagg.bench run --target "127.0.0.1:$port" --workload "$name" --rates "$rates" \
-      --duration_s "$seconds" "${slo[@]}" "${extra[@]}" --label "$system" --noprogress \
-      --out "$out/$model.$system.$name.json"
+      --duration_s "$seconds" "${slo[@]}" "${extra[@]}" --label "$system" --noprogress --stop_below 0.5 \
+      --out "$out/$model.$system.$name.json" || echo "== $system $name failed (exit $?); see $log"
   done
   kill -TERM "$pid"
   wait "$pid" || true
-  port=$((port + 1))
 done
 for w in $workloads; do
   name=${w%%:*}
-  python3 -m jdisagg.bench plot "$out"/"$model".*."$name".json --out "$out/$model.$name.attainment.png"
+  python3 -m jdisagg.bench plot "$out"/"$model".*."$name".json --out "$out/$model.$name.attainment.png" || true
 done

@@ -345,6 +345,7 @@ def test_arrival_processes():
         (["run", "--target", "127.0.0.1:1"], "give --rates"),
         (["run", "--target", "127.0.0.1:1", "--rates", "1", "--duration_s", "5", "--num_requests", "3"], "exactly one"),
         (["run", "--target", "127.0.0.1:1", "--workload", "trace", "--rates", "1"], "needs --trace"),
+        (["run", "--target", "127.0.0.1:1", "--rates", "1", "--stop_below", "0.95"], "--stop_below must be in"),
         (["plot", "a.json"], "plot needs --out"),
         (["bogus"], "give a command"),
     ],
@@ -430,3 +431,18 @@ def test_short_real_run_and_plots(tmp_path):
     for png in (plots_dir / "attainment.png", plots_dir / "latency_cdf.png", overlay):
         data = png.read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000
+
+
+def test_sweep_runs_lowest_rate_first_and_stops_below(tmp_path):
+    out = tmp_path / "r.json"
+    proc = _bench(
+        "run", "--model", "tiny-llama", "--mesh", "cpu-single", "--workload", "fixed",
+        "--input_len", "8", "--output_len", "4", "--rates", "40,20,80", "--num_requests", "4",
+        "--slo_ttft", "1e-6", "--slo_tpot", "10", "--stop_below", "0.5", "--out", str(out), "--noprogress",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipped rates 40, 80" in proc.stdout
+    result = json.loads(out.read_text())
+    assert [p["rate"] for p in result["points"]] == [20.0] and result["skipped_rates"] == [40.0, 80.0]
+    assert result["points"][0]["attainment"] == 0.0 and result["points"][0]["num_ok"] == 4
+    assert result["goodput"] == {"rate": 0.0, "per_gpu": 0.0, "lower_bound": False}

@@ -79,6 +79,12 @@ def _define_flags() -> None:
     )
     _define(flags.DEFINE_string, "trace", "", "trace: JSONL file of {timestamp, input_len | prompt, output_len}.")
     _define(flags.DEFINE_float, "trace_speed", 1.0, "trace: replay speed (2 sends twice as fast).")
+    _define(
+        flags.DEFINE_float,
+        "stop_below",
+        0.0,
+        "Skip the higher rates once a point's attainment is below this (<= --target_attainment); 0: run all.",
+    )
     _define(flags.DEFINE_float, "wait_s", 600.0, "Seconds to wait for --target to report SERVING.")
     _define(flags.DEFINE_bool, "progress", True, "Show progress bars.")
     _define(
@@ -140,6 +146,7 @@ def _config():
         trace=_flag("trace") or None,
         trace_speed=_flag("trace_speed"),
         wait_s=_flag("wait_s"),
+        stop_below=_flag("stop_below"),
         progress=_flag("progress"),
     )
 

@@ -3,7 +3,9 @@
 ``run_benchmark(target, config)`` asks the server for its ModelInfo (vocabulary,
 ``max_seq_len``, devices), builds one sweep point per rate (the same requests and the same
 arrival pattern scaled by 1/rate, see ``workloads``), and runs the points one after the
-other on one ``AsyncClient`` channel. Within a point a dispatcher sleeps until each
+other, lowest rate first, on one ``AsyncClient`` channel (with ``stop_below``, the
+rates above a point whose attainment fell below it are skipped: past the first miss they
+cannot change the goodput, and an overloaded point takes long to drain). Within a point a dispatcher sleeps until each
 request's arrival time and starts one asyncio task per request; a task records the send
 time, the arrival time of every token (a stream message may carry several tokens: they all
 get that message's time), the FinalInfo's latency breakdown and finish reason, or the
@@ -57,6 +59,7 @@ class BenchConfig:
     trace: str | None = None  # trace
     trace_speed: float = 1.0  # trace
     wait_s: float = 600.0  # how long to wait for the server to report SERVING
+    stop_below: float = 0.0  # skip the higher rates once a point's attainment is below this
     progress: bool = True
 
     def validate(self) -> None:
@@ -84,6 +87,11 @@ class BenchConfig:
             raise ValueError("--slo_ttft and --slo_tpot must be > 0")
         if not 0 < self.target_attainment <= 1:
             raise ValueError(f"--target_attainment must be in (0, 1] (got {self.target_attainment})")
+        if not 0 <= self.stop_below <= self.target_attainment:
+            # Above the target, stopping could skip the rate where attainment crosses it.
+            raise ValueError(
+                f"--stop_below must be in [0, --target_attainment={self.target_attainment:g}] (got {self.stop_below:g})"
+            )
         if self.gpus < 0 or self.vocab_size < 0:
             raise ValueError("--gpus and --vocab_size must be >= 0")
         if self.workload == "fixed" and (self.input_len < 1 or self.output_len < 1):
@@ -204,13 +212,22 @@ async def run_benchmark(target: str, config: BenchConfig) -> dict:
         info = await wait_until_serving(client, config.wait_s)
         vocab_size = config.vocab_size or info.vocab_size
         gpus = config.gpus or server_gpus(info) or 1
-        points = await plan_points(client, config, vocab_size, info.max_seq_len)
-        runs = [await run_point(client, p, config.slo, config.progress) for p in points]
-    summaries = []
-    for point, results in zip(points, runs, strict=True):
-        summary = stats.summarize_point(point.rate, results, config.slo, gpus)
-        summary["requests"] = [stats.request_record(r, config.slo) for r in results]
-        summaries.append(summary)
+        points = sorted(await plan_points(client, config, vocab_size, info.max_seq_len), key=lambda p: p.rate)
+        summaries, skipped = [], []
+        for point in points:
+            if summaries and summaries[-1]["attainment"] < config.stop_below:
+                skipped.append(point.rate)
+                continue
+            results = await run_point(client, point, config.slo, config.progress)
+            summary = stats.summarize_point(point.rate, results, config.slo, gpus)
+            summary["requests"] = [stats.request_record(r, config.slo) for r in results]
+            summaries.append(summary)
+    if skipped:
+        print(
+            f"attainment {summaries[-1]['attainment']:.1%} at {summaries[-1]['rate']:g} req/s is below "
+            f"--stop_below={config.stop_below:g}: skipped rates {', '.join(f'{r:g}' for r in skipped)}",
+            flush=True,
+        )
     good = stats.goodput([s["rate"] for s in summaries], [s["attainment"] for s in summaries], config.target_attainment)
     options = dict(input_len=config.input_len, output_len=config.output_len) if config.workload == "fixed" else {}
     if config.workload == "trace":
@@ -233,6 +250,7 @@ async def run_benchmark(target: str, config: BenchConfig) -> dict:
         },
         "goodput": good.record(gpus),
         "points": summaries,
+        "skipped_rates": skipped,
     }
 
 
