@@ -48,27 +48,65 @@ class Completion:
     logprobs: list[Logprob] | None = None  # one per token when SamplingParams.logprobs was set
 
 
-KV_MEMORY_FRACTION = 0.85  # of the memory left after the weights, when a preset leaves `pages` out
+# Of the memory left after the weights (and a colocated prefill's share) when a preset leaves `pages` out.
+KV_MEMORY_FRACTION = 0.85
 
 
-def auto_pages(cfg, mesh, spec, preset: MeshPreset) -> int:
-    """Pages that fit in ``KV_MEMORY_FRACTION`` of the decode devices' free memory."""
+def kv_bytes_per_token(cfg, spec) -> int:
+    """Bytes of one token's KV (every layer, K and V) on each device of instance ``spec``."""
+    kv_shards = spec.tp if cfg.n_kv_heads % spec.tp == 0 and spec.rules.get(sharding.KV_HEADS) == "tp" else 1
+    per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jax.numpy.dtype(cfg.dtype).itemsize
+    return per_token // (spec.pp * kv_shards)
+
+
+def prefill_reserve(cfg, spec, runner: PrefillRunner) -> int:
+    """Device bytes a colocated instance's prefill needs beside its page pool.
+
+    Prefill holds prefixes until decode pulls them: up to ``buffer_tokens``, plus the batch
+    that started below that limit, whose output also exists twice while it is split into
+    rows. Add the largest prefill program's scratch (compiled memory analysis; the compile
+    is the one warm-up would do). Without this the pool took the memory, and an OPT-13B
+    colocated replica ran out of it mid-prefill once prefixes queued up behind a full batch.
+    """
+    batch_tokens = max(b * t for b, t in runner.shapes())
+    scratch = max(p.jitted.lower(*p.args).compile().memory_analysis().temp_size_in_bytes for p in runner.programs())
+    return (spec.buffer_tokens + 2 * batch_tokens) * kv_bytes_per_token(cfg, spec) + scratch
+
+
+def free_device_bytes(mesh) -> int | None:
+    """The least memory left on any device of ``mesh`` (JAX's limit less what is in use);
+    None where devices report no statistics (CPU)."""
     stats = [d.memory_stats() for d in mesh.devices.flat]
     if not all(stats) or not all("bytes_limit" in s for s in stats):
+        return None
+    return min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
+
+
+def auto_pages(cfg, mesh, spec, preset: MeshPreset, reserved: int = 0) -> int:
+    """Pages that fit in ``KV_MEMORY_FRACTION`` of the decode devices' free memory, after
+    ``reserved`` bytes per device for what else runs there."""
+    free = free_device_bytes(mesh)
+    if free is None:
         raise ValueError(
             f"{preset.source}: {spec.where}.pages is required on this platform (no device memory statistics)"
         )
-    free = min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
-    kv_shards = spec.tp if cfg.n_kv_heads % spec.tp == 0 and spec.rules.get(sharding.KV_HEADS) == "tp" else 1
-    per_page = 2 * cfg.n_layers * preset.page_size * cfg.n_kv_heads * cfg.head_dim * jax.numpy.dtype(cfg.dtype).itemsize
-    per_page_per_device = per_page // (spec.pp * kv_shards)
-    pages = int(free * KV_MEMORY_FRACTION) // per_page_per_device
+    free -= reserved
+    per_page = preset.page_size * kv_bytes_per_token(cfg, spec)
+    pages = max(0, int(free * KV_MEMORY_FRACTION) // per_page)
     needed = pages_for(preset.max_seq_len, preset.page_size) + 1
     if pages < needed:
         raise ValueError(
-            f"{preset.source}: {spec.where}: free memory holds {pages} KV pages; one request needs {needed}"
+            f"{preset.source}: {spec.where}: free memory holds {pages} KV pages"
+            + (f" after {reserved / 2**20:,.1f} MiB for prefill" if reserved else "")
+            + f"; one request needs {needed}"
         )
-    logging.info("%s: %d KV pages (%.1f GiB per device)", spec.where, pages, pages * per_page_per_device / 2**30)
+    logging.info(
+        "%s: %d KV pages (%.1f GiB per device)%s",
+        spec.where,
+        pages,
+        pages * per_page / 2**30,
+        f", {reserved / 2**20:,.0f} MiB kept for prefill" if reserved else "",
+    )
     return pages
 
 
@@ -143,7 +181,9 @@ class Engine:
             if spec.runs_prefill:
                 self.prefill.append(prefill_runner(cfg, params, mesh_, spec, preset, self.length_buckets))
             if spec.runs_decode:
-                n_pages = spec.pages or auto_pages(cfg, mesh_, spec, preset)
+                # A colocated instance's prefill shares the devices with the pool.
+                reserved = prefill_reserve(cfg, spec, self.prefill[-1]) if spec.runs_prefill and not spec.pages else 0
+                n_pages = spec.pages or auto_pages(cfg, mesh_, spec, preset, reserved)
                 runner = decode_runner(cfg, params, mesh_, spec, preset, n_pages)
                 slots = DecodeSlots(n_pages, preset.page_size, spec.max_batch, preset.max_seq_len)
                 self.decode.append(DecodeInstance(runner, slots))

@@ -215,3 +215,36 @@ def test_unrolled_layers_give_the_same_tokens(tmp_path):
     engine = Engine("tiny-llama", str(tmp_path / "unrolled.toml"), warm_up=False, progress=False)
     assert engine.preset.unroll_layers and engine.decode[0].runner.stages == 2
     assert [c.tokens for c in engine.generate(prompts, params)] == [c.tokens for c in reference]
+
+
+def test_colocated_auto_pages_keep_memory_for_prefill(tmp_path, monkeypatch):
+    """A colocated instance sized from device memory (``pages`` left out) leaves room beside
+    its pool for the prefixes its prefill may hold (buffer + one batch, twice while it is
+    split into rows) and the largest prefill program's scratch; still the same tokens."""
+    from jdisagg import engine as engine_module
+
+    (tmp_path / "auto.toml").write_text(
+        'name = "colocated-auto"\npage_size = 16\nmax_seq_len = 256\n\n'
+        "[[colocated]]\ndevices = [0, 1]\ntp = 2\nmax_batch = 8\ntoken_budget = 64\nbuffer_tokens = 96\n"
+    )
+    free = 8 * 2**20
+    monkeypatch.setattr(engine_module, "free_device_bytes", lambda mesh: free)
+    engine = Engine("tiny-llama", str(tmp_path / "auto.toml"), warm_up=False, progress=False)
+    cfg, runner = engine.cfg, engine.prefill[0]
+    token_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4 // 2  # float32, KV heads split over tp=2
+    held = (96 + 2 * max(b * t for b, t in runner.shapes())) * token_bytes
+    assert held > 96 * token_bytes
+    pages = engine.decode[0].runner.n_pages
+    assert 0 < pages * 16 * token_bytes <= engine_module.KV_MEMORY_FRACTION * (free - held)
+    assert pages < engine_module.KV_MEMORY_FRACTION * free // (16 * token_bytes)  # less than without the reserve
+    prompts = _prompts(seed=13)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    reference = Engine("tiny-llama", "cpu-single", warm_up=False, progress=False).generate(prompts, params)
+    assert [c.tokens for c in engine.generate(prompts, params)] == [c.tokens for c in reference]
+
+    free = held + 4 * 16 * token_bytes  # four pages beyond prefill's share; a request needs 17
+    with pytest.raises(
+        ValueError,
+        match=r"colocated\[0\]: free memory holds \d+ KV pages after [\d.]+ MiB for prefill; one request needs 17",  # noqa: E501
+    ):
+        Engine("tiny-llama", str(tmp_path / "auto.toml"), warm_up=False, progress=False)
