@@ -221,8 +221,20 @@ class Engine:
         # One run of each shape: the few small programs left (prefix splits, inserts) compile here.
         seconds += sum(r.warm_up() for r in self.prefill)
         seconds += sum(d.runner.warm_up(self.length_buckets) for d in self.decode)
+        seconds += self._warm_up_transfers()
         logging.info("warmed up in %.1fs", seconds)
         return seconds
+
+    def _warm_up_transfers(self) -> float:
+        """Moves a prefix of every length bucket from each prefill instance to each decode
+        instance, so the reshard programs between different shard splits compile now."""
+        start = time.perf_counter()
+        for runner in self.prefill:
+            for t in runner.length_buckets:
+                prefix = runner.run([[0]], [SamplingParams()], length_bucket=t)[0]
+                for d in self.decode:
+                    jax.block_until_ready(kv_transfer.transfer(prefix, d.runner.prefix_sharding))
+        return time.perf_counter() - start
 
     # ---- requests ------------------------------------------------------------------
 

@@ -108,10 +108,10 @@ class PrefillRunner:
             functools.partial(prefill_step, cfg, unroll=unroll),
             out_shardings=(replicated, kv_sharding, kv_sharding),
         )
-        # Splits a batch's KV into per-request prefixes, on the prefill mesh.
+        # Splits a batch's KV into per-row prefixes, on the prefill mesh: every row of the
+        # bucket (padding rows are dropped after), so it compiles once per shape, in warm-up.
         self._rows = jax.jit(
-            lambda k, v, n: tuple((k[:, i], v[:, i]) for i in range(n)),
-            static_argnums=2,
+            lambda k, v: tuple((k[:, i], v[:, i]) for i in range(k.shape[1])),
             out_shardings=prefix_sharding,
         )
 
@@ -158,7 +158,7 @@ class PrefillRunner:
     def run(self, prompts: list[list[int]], params: list[SamplingParams], length_bucket: int = 0) -> list[Prefix]:
         """Prefills ``prompts`` in one call (they must fit one bucket pair); one Prefix per prompt."""
         first, k, v = self._step(self.params, *self._inputs(prompts, params, length_bucket))
-        rows = self._rows(k, v, len(prompts))
+        rows = self._rows(k, v)[: len(prompts)]
         first = jax.device_get(first)
         return [
             Prefix(int(first.tokens[i]), first.logprob(i, sp.logprobs), len(p), *rows[i])

@@ -180,26 +180,43 @@ def test_chunked_prefill_matches(model_name):
     assert slots.chunking is None and slots.allocator.num_free == slots.allocator.capacity
 
 
+def _generate_compiles(engine, prompts, params, caplog) -> tuple[list, list[str]]:
+    """The engine's results, and what JAX compiled while producing them."""
+    caplog.clear()
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        results = engine.generate(prompts, params)
+    return results, [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling")]
+
+
 def test_colocated_compiles_every_shape_at_start_up(tmp_path, caplog):
     """A colocated instance whose decode batch buckets exceed the prefill token budget: its
     prefill batches stay powers of two within the budget (batch 1 for long prompts), warm-up
-    compiles every shape the requests then use, and tokens equal one device's."""
+    compiles every program the requests then use, and tokens equal one device's."""
     (tmp_path / "colocated.toml").write_text(
         'name = "colocated-buckets"\npage_size = 16\nmax_seq_len = 256\n\n'
         "[[colocated]]\ndevices = [0]\nmax_batch = 8\nbatch_buckets = [4, 8]\ntoken_budget = 64\npages = 64\n"
     )
-    prompts = _prompts(seed=11, lengths=(5, 100, 200, 9, 30))
+    prompts = _prompts(seed=11, lengths=(5, 100, 200, 9, 30, 7, 12))
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     reference = Engine("tiny-llama", "cpu-single", warm_up=False, progress=False).generate(prompts, params)
     engine = Engine("tiny-llama", str(tmp_path / "colocated.toml"), progress=False)
     runner = engine.prefill[0]
     assert {t for b, t in runner.shapes() if b == 1} == set(runner.length_buckets)
     assert all(b * t <= 64 for b, t in runner.shapes() if b > 1)
-    with jax.log_compiles(True), caplog.at_level("WARNING"):
-        results = engine.generate(prompts, params)
-    compiled = [
-        r.getMessage() for r in caplog.records if "prefill_step" in r.getMessage() or "decode_step" in r.getMessage()
-    ]
+    results, compiled = _generate_compiles(engine, prompts, params, caplog)
+    assert not compiled, compiled
+    assert [c.tokens for c in results] == [c.tokens for c in reference]
+
+
+def test_disaggregated_compiles_everything_at_start_up(caplog):
+    """tp=2 prefill -> pp=2 decode: the KV reshard between the two splits (cut and join
+    programs per prefix length) and the split of a batch into prefixes (any number of rows)
+    compile in warm-up; serving compiles nothing."""
+    prompts = _prompts(seed=14, lengths=(5, 100, 200, 9, 30, 7, 12, 3, 60))
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    engine = Engine("tiny-llama", "cpu-tp2-pp2", progress=False)
+    reference = Engine("tiny-llama", "cpu-single", warm_up=False, progress=False).generate(prompts, params)
+    results, compiled = _generate_compiles(engine, prompts, params, caplog)
     assert not compiled, compiled
     assert [c.tokens for c in results] == [c.tokens for c in reference]
 
