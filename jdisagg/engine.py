@@ -149,6 +149,12 @@ def decode_runner(cfg, params, mesh, spec, preset: MeshPreset, n_pages: int) -> 
 class DecodeInstance:
     runner: DecodeRunner
     slots: DecodeSlots
+    # Colocated: the prefill instance on the same devices; a replica decodes only what it
+    # prefilled. None: disaggregated, any prefill instance's prefixes.
+    prefill_index: int | None = None
+
+    def takes(self, r: Request) -> bool:
+        return self.prefill_index is None or self.prefill_index == r.prefill_instance
 
 
 class Engine:
@@ -186,7 +192,8 @@ class Engine:
                 n_pages = spec.pages or auto_pages(cfg, mesh_, spec, preset, reserved)
                 runner = decode_runner(cfg, params, mesh_, spec, preset, n_pages)
                 slots = DecodeSlots(n_pages, preset.page_size, spec.max_batch, preset.max_seq_len)
-                self.decode.append(DecodeInstance(runner, slots))
+                own = len(self.prefill) - 1 if spec.runs_prefill else None
+                self.decode.append(DecodeInstance(runner, slots, own))
         # What each worker thread of a server runs: disaggregated instances each get their own;
         # a colocated instance runs prefill first, then decode, on its one mesh.
         self.loops: list[tuple[str, Callable[[], bool]]] = []
@@ -368,8 +375,10 @@ class Engine:
         with self.lock:
             self._drop_cancelled(d)
             pulled = []
-            while self.prefilled and self._routes_to(d, self.prefilled[0]) and d.slots.try_admit(self.prefilled[0]):
-                r = self.prefilled.pop(0)
+            for r in [r for r in self.prefilled if d.takes(r)]:  # FCFS among the prefixes d may take
+                if not (self._routes_to(d, r) and d.slots.try_admit(r)):
+                    break
+                self.prefilled.remove(r)
                 r.mark("admitted")
                 pulled.append((r, r.prefix))
         for r, prefix in pulled:
@@ -485,7 +494,7 @@ class Engine:
 
     def _routes_to(self, d: DecodeInstance, r: Request) -> bool:
         """Least-loaded routing: ``d`` pulls ``r`` only if no instance that could take it runs fewer requests."""
-        loads = [len(o.slots) for o in self.decode if o.slots.can_admit(r)]
+        loads = [len(o.slots) for o in self.decode if o.takes(r) and o.slots.can_admit(r)]
         return bool(loads) and len(d.slots) <= min(loads)
 
     def _drop_prefix(self, r: Request) -> None:

@@ -48,7 +48,7 @@ class InstanceSpec:
     rules: Mapping[str, str | None] = dataclasses.field(default_factory=lambda: sharding.DEFAULT_RULES)
     max_batch: int = 8  # prefill: prompts per call; decode: requests per step
     token_budget: int = 2048  # prefill: prompt tokens per call (L_m); longer prompts run alone
-    buffer_tokens: int = 0  # prefill: prefix tokens held for decode to pull before prefill pauses
+    buffer_tokens: int = 0  # prefill, colocated: prefix tokens held for decode to pull before prefill pauses
     pages: int = 0  # decode: KV pages in the pool, the null page included; 0 sizes it from free memory
     micro_batches: int = 0  # decode: pipeline micro-batches; 0 means pp
     chunk_tokens: int = 0  # chunked: prompt tokens prefilled per decode step
@@ -175,7 +175,10 @@ def _instance(role: str, index: int, table: dict, where: str) -> InstanceSpec:
         rules=MappingProxyType(rules),
         max_batch=_positive(table, "max_batch", at, 8),
         token_budget=_positive(table, "token_budget", at, 2048),
-        buffer_tokens=_positive(table, "buffer_tokens", at, 4 * table.get("token_budget", 2048)),
+        # A colocated replica's prefixes wait for its own decode: one batch ahead is enough.
+        buffer_tokens=_positive(
+            table, "buffer_tokens", at, (1 if role == "colocated" else 4) * table.get("token_budget", 2048)
+        ),
         pages=pages,
         micro_batches=_positive(table, "micro_batches", at, pp) if runs_decode else 0,
         chunk_tokens=_positive(table, "chunk_tokens", at, 512) if role == "chunked" else 0,

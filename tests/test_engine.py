@@ -265,3 +265,29 @@ def test_colocated_auto_pages_keep_memory_for_prefill(tmp_path, monkeypatch):
         match=r"colocated\[0\]: free memory holds \d+ KV pages after [\d.]+ MiB for prefill; one request needs 17",  # noqa: E501
     ):
         Engine("tiny-llama", str(tmp_path / "auto.toml"), warm_up=False, progress=False)
+
+
+def test_colocated_replicas_decode_what_they_prefilled(tmp_path, monkeypatch):
+    """Two colocated replicas share the prompt queue, but a prefix never moves to the other
+    replica's device: each decodes what it prefilled. Tokens equal one device's."""
+    from jdisagg import kv_transfer
+
+    (tmp_path / "replicas.toml").write_text(
+        'name = "replicas"\npage_size = 16\nmax_seq_len = 256\n'
+        + "".join(f"\n[[colocated]]\ndevices = [{i}]\nmax_batch = 4\ntoken_budget = 64\npages = 64\n" for i in (0, 1))
+    )
+    prompts = _prompts(seed=15, lengths=(5, 40, 9, 30, 17, 3, 60, 12, 25, 8))
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    reference = Engine("tiny-llama", "cpu-single", warm_up=False, progress=False).generate(prompts, params)
+    moves, transfer = [], kv_transfer.transfer
+    monkeypatch.setattr(
+        kv_transfer,
+        "transfer",
+        lambda prefix, dst: moves.append((prefix.k.devices(), dst.device_set)) or transfer(prefix, dst),
+    )
+    engine = Engine("tiny-llama", str(tmp_path / "replicas.toml"), warm_up=False, progress=False)
+    results = engine.generate(prompts, params)
+    assert [c.tokens for c in results] == [c.tokens for c in reference]
+    assert len(moves) == len(prompts)
+    assert all(src == dst for src, dst in moves), moves
+    assert len({frozenset(d) for d, _ in moves}) == 2  # both replicas served
