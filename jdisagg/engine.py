@@ -234,13 +234,15 @@ class Engine:
 
     def _warm_up_transfers(self) -> float:
         """Moves a prefix of every length bucket from each prefill instance to each decode
-        instance, so the reshard programs between different shard splits compile now."""
+        instance that takes its prefixes, so the reshard programs between different shard
+        splits compile now."""
         start = time.perf_counter()
-        for runner in self.prefill:
+        for i, runner in enumerate(self.prefill):
             for t in runner.length_buckets:
                 prefix = runner.run([[0]], [SamplingParams()], length_bucket=t)[0]
                 for d in self.decode:
-                    jax.block_until_ready(kv_transfer.transfer(prefix, d.runner.prefix_sharding))
+                    if d.prefill_index in (None, i):
+                        jax.block_until_ready(kv_transfer.transfer(prefix, d.runner.prefix_sharding))
         return time.perf_counter() - start
 
     # ---- requests ------------------------------------------------------------------
