@@ -291,3 +291,21 @@ def test_colocated_replicas_decode_what_they_prefilled(tmp_path, monkeypatch):
     assert len(moves) == len(prompts)
     assert all(src == dst for src, dst in moves), moves
     assert len({frozenset(d) for d, _ in moves}) == 2  # both replicas served
+
+
+def test_two_device_preset_runs_any_model(tmp_path, monkeypatch):
+    """``1p1d`` (the notebook's preset for two or more accelerators) sizes its pool from device
+    memory; with memory statistics faked on CPU it gives one device's tokens (its context cut
+    to the tiny model's 1024 tokens)."""
+    from jdisagg import engine as engine_module
+
+    text = (Path(__file__).resolve().parent.parent / "meshes" / "1p1d.toml").read_text()
+    assert "max_seq_len = 2048" in text
+    (tmp_path / "1p1d.toml").write_text(text.replace("max_seq_len = 2048", "max_seq_len = 1024"))
+    monkeypatch.setattr(engine_module, "free_device_bytes", lambda mesh: 64 * 2**20)
+    prompts = _prompts(seed=16)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    engine = Engine("tiny-qwen2", str(tmp_path / "1p1d.toml"), warm_up=False, progress=False)
+    assert [s.devices for s in engine.preset.instances] == [(0,), (1,)]
+    reference = Engine("tiny-qwen2", "cpu-single", warm_up=False, progress=False).generate(prompts, params)
+    assert [c.tokens for c in engine.generate(prompts, params)] == [c.tokens for c in reference]
