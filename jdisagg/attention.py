@@ -62,6 +62,25 @@ class PromptKV:
         return attend(q_btnh, k_btkh, v_btkh, causal_mask(pos_bt, pos_bt)), kv
 
 
+def attend_reduce(q_bnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bs: jax.Array) -> jax.Array:
+    """``attend`` for one query token per row, written as multiply-and-sum in float32 rather
+    than matmuls: XLA may then fuse a gather that produced k and v into the sums instead of
+    writing the gathered context to memory first (decode attention is bound by those bytes)."""
+    b, n, h = q_bnh.shape
+    k = k_bskh.shape[2]
+    q_bkgh = q_bnh.reshape(b, k, n // k, h).astype(jnp.float32)
+    keys_bk1sh = jnp.swapaxes(k_bskh, 1, 2)[:, :, None].astype(jnp.float32)
+    scores_bkgs = jnp.sum(q_bkgh[:, :, :, None, :] * keys_bk1sh, axis=-1)
+    scores_bkgs = jnp.where(mask_bs[:, None, None, :], scores_bkgs, _MASKED)
+    probs_bkgs = jax.nn.softmax(scores_bkgs, axis=-1)
+    values_bk1sh = jnp.swapaxes(v_bskh, 1, 2)[:, :, None].astype(jnp.float32)
+    out_bkgh = jnp.sum(probs_bkgs[..., None] * values_bk1sh, axis=3)
+    return out_bkgh.reshape(b, n, h).astype(v_bskh.dtype)
+
+
+DECODE_ATTENTION = ("dot", "reduce")
+
+
 @struct.dataclass
 class PagedKV:
     """Paged cache: pools of fixed-size pages and each request's page table."""
@@ -69,6 +88,9 @@ class PagedKV:
     k_pages: jax.Array  # [L, P, Z, K, H]
     v_pages: jax.Array  # [L, P, Z, K, H]
     page_table: jax.Array  # [B, P_max] int32; NULL_PAGE where unused
+    # How rows of one token (decode) attend over their pages: "dot" (``attend``: gather,
+    # then matmuls) or "reduce" (``attend_reduce``). Rows of several tokens always use "dot".
+    decode_attention: str = struct.field(pytree_node=False, default="dot")
 
     def write(self, layer, k_btkh, v_btkh, pos_bt) -> PagedKV:
         """Stores the new k, v at their positions (padding, pos -1, goes to the null page)."""
@@ -91,7 +113,10 @@ class PagedKV:
         k_ctx = k_bpzkh.reshape(b, s, *k_bpzkh.shape[-2:])
         v_ctx = v_bpzkh.reshape(b, s, *v_bpzkh.shape[-2:])
         k_pos_bs = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        return attend(q_btnh, k_ctx, v_ctx, causal_mask(pos_bt, k_pos_bs))
+        mask_bts = causal_mask(pos_bt, k_pos_bs)
+        if self.decode_attention == "reduce" and q_btnh.shape[1] == 1:
+            return attend_reduce(q_btnh[:, 0], k_ctx, v_ctx, mask_bts[:, 0])[:, None]
+        return attend(q_btnh, k_ctx, v_ctx, mask_bts)
 
     def attend(self, layer, q_btnh, k_btkh, v_btkh, pos_bt):
         """Writes the new k, v at their positions, then attends over each request's pages."""
@@ -112,6 +137,7 @@ class MixedKV:
     v_pages: jax.Array  # [L, P, Z, K, H]
     decode_table: jax.Array  # [B, P_max]
     chunk_table: jax.Array  # [1, P_max]
+    decode_attention: str = struct.field(pytree_node=False, default="dot")  # as PagedKV's
 
     def attend(self, layer, q_1tnh, k_1tkh, v_1tkh, pos_1t):
         b = self.decode_table.shape[0]
@@ -120,7 +146,7 @@ class MixedKV:
         rows_t = jnp.concatenate(
             [self.decode_table, jnp.broadcast_to(self.chunk_table, (q_1tnh.shape[1] - b, self.chunk_table.shape[1]))]
         )
-        packed = PagedKV(self.k_pages, self.v_pages, rows_t).write(
+        packed = PagedKV(self.k_pages, self.v_pages, rows_t, self.decode_attention).write(
             layer, k_1tkh[0][:, None], v_1tkh[0][:, None], pos_1t[0][:, None]
         )
 

@@ -54,8 +54,9 @@ def pipeline(
     constrain = functools.partial(jax.lax.with_sharding_constraint, shardings=stage_sharding)
 
     def stage(layers, k_pages, v_pages, table, x, pos):
-        x, kv = forward_layers(cfg, layers, x, pos, PagedKV(k_pages, v_pages, table), unroll=unroll)
-        return x, kv.k_pages, kv.v_pages
+        stage_kv = kv.replace(k_pages=k_pages, v_pages=v_pages, page_table=table)
+        x, stage_kv = forward_layers(cfg, layers, x, pos, stage_kv, unroll=unroll)
+        return x, stage_kv.k_pages, stage_kv.v_pages
 
     def tick(carry, t):
         state_s, out_m, (k_s, v_s) = carry
@@ -91,12 +92,13 @@ def decode_step(
     micro: int,
     stage_sharding,
     unroll: bool,
+    decode_attention: str = "dot",
 ):
     """Feeds each request's last token (at ``pos_b``; -1 for an empty row) and samples the next.
 
     Returns what was sampled (``Sampled``, [B]) and the updated page pools.
     """
-    kv = PagedKV(k_pages, v_pages, page_table_bp)
+    kv = PagedKV(k_pages, v_pages, page_table_bp, decode_attention)
     x_btd = model.embed(cfg, params, tokens_b[:, None], pos_b[:, None])
     if stages == 1 and micro == 1:
         x_btd, kv = forward_layers(cfg, params["layers"], x_btd, pos_b[:, None], kv, unroll=unroll)
@@ -130,6 +132,7 @@ def mixed_step(
     s: SamplingArrays,
     *,
     unroll: bool,
+    decode_attention: str = "dot",
 ):
     """Chunked prefill: a decode step for B requests plus a C-token chunk of one prompt.
 
@@ -140,7 +143,7 @@ def mixed_step(
     tokens_1t = jnp.concatenate([tokens_b, chunk_c])[None]
     pos_1t = jnp.concatenate([pos_b, chunk_pos_c])[None]
     x_1td = model.embed(cfg, params, tokens_1t, pos_1t)
-    kv = MixedKV(k_pages, v_pages, page_table_bp, chunk_table_1p)
+    kv = MixedKV(k_pages, v_pages, page_table_bp, chunk_table_1p, decode_attention)
     x_1td, kv = forward_layers(cfg, params["layers"], x_1td, pos_1t, kv, unroll=unroll)
     last_bd = jnp.concatenate([x_1td[0, :b], x_1td[0, b + chunk_last][None]])
     next_pos = jnp.concatenate([pos_b + 1, chunk_pos_c[chunk_last][None] + 1])
@@ -174,6 +177,7 @@ class DecodeRunner:
         chunk_tokens: int = 0,
         batch_buckets: tuple[int, ...] = (),
         unroll: bool = False,
+        decode_attention: str = "dot",
     ):
         self.cfg, self.params, self.mesh = cfg, params, mesh
         self.chunk_tokens = chunk_tokens  # > 0: this instance also prefills, in chunks of this size
@@ -200,14 +204,20 @@ class DecodeRunner:
         replicated = NamedSharding(mesh, PartitionSpec())
         self._step = jax.jit(
             functools.partial(
-                decode_step, cfg, stages=stages, micro=micro_batches, stage_sharding=stage_sharding, unroll=unroll
+                decode_step,
+                cfg,
+                stages=stages,
+                micro=micro_batches,
+                stage_sharding=stage_sharding,
+                unroll=unroll,
+                decode_attention=decode_attention,
             ),
             donate_argnums=(1, 2),
             out_shardings=(replicated, self.pages_sharding, self.pages_sharding),
         )
         self._insert = jax.jit(insert_prefix, donate_argnums=(0, 1), out_shardings=(self.pages_sharding,) * 2)
         self._mixed = jax.jit(
-            functools.partial(mixed_step, cfg, unroll=unroll),
+            functools.partial(mixed_step, cfg, unroll=unroll, decode_attention=decode_attention),
             donate_argnums=(1, 2),
             out_shardings=(replicated, self.pages_sharding, self.pages_sharding),
         )

@@ -142,6 +142,7 @@ def decode_runner(cfg, params, mesh, spec, preset: MeshPreset, n_pages: int) -> 
         chunk_tokens=spec.chunk_tokens,
         batch_buckets=spec.batch_buckets,
         unroll=preset.unroll_layers,
+        decode_attention=preset.decode_attention,
     )
 
 

@@ -16,11 +16,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 
-from jdisagg import sharding, toml_file
+from jdisagg import attention, sharding, toml_file
 from jdisagg.config import ModelConfig
 
 ROLES = ("prefill", "decode", "colocated", "chunked")
-_TOP_KEYS = {"name", "description", "page_size", "max_seq_len", "length_buckets", "unroll_layers", *ROLES}
+_TOP_KEYS = {
+    "name",
+    "description",
+    "page_size",
+    "max_seq_len",
+    "length_buckets",
+    "unroll_layers",
+    "decode_attention",
+    *ROLES,
+}
 _INSTANCE_KEYS = {
     "devices",
     "pp",
@@ -84,6 +93,10 @@ class MeshPreset:
     # 8 took 6.0 ms instead of 12.7 on an H200, but each new batch shape took ~20 s to
     # compile instead of ~3 (BENCHMARKS.md). Off by default.
     unroll_layers: bool = False
+    # How decode rows attend over their pages (attention.PagedKV): "dot" gathers the pages
+    # and runs matmuls; "reduce" writes multiply-and-sum that XLA may fuse with the gather.
+    # Same results; "reduce" is not yet measured on GPUs (BENCHMARKS.md).
+    decode_attention: str = "dot"
 
     @property
     def colocated(self) -> bool:
@@ -236,6 +249,7 @@ def parse(data: dict, where: str) -> MeshPreset:
         description=str(data.get("description", "")),
         source=where,
         unroll_layers=_bool(data, "unroll_layers", where),
+        decode_attention=_choice(data, "decode_attention", where, attention.DECODE_ATTENTION),
     )
 
 
@@ -243,6 +257,13 @@ def _bool(data: dict, key: str, where: str) -> bool:
     value = data.get(key, False)
     if not isinstance(value, bool):
         raise ValueError(f"{where}: {key} must be true or false, not {value!r}")
+    return value
+
+
+def _choice(data: dict, key: str, where: str, choices: tuple[str, ...]) -> str:
+    value = data.get(key, choices[0])
+    if value not in choices:
+        raise ValueError(f"{where}: {key} must be one of {', '.join(map(repr, choices))}, not {value!r}")
     return value
 
 

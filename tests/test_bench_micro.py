@@ -79,6 +79,8 @@ def test_command_line(tmp_path):
             "32",
             "--repeats",
             "2",
+            "--decode_attention",
+            "reduce",
             "--json_out",
             str(out),
         ],
@@ -88,13 +90,16 @@ def test_command_line(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "kv_transfer.transfer" in proc.stdout
-    assert [r["bench"] for r in json.loads(out.read_text())["rows"]] == ["ceilings"] * 2 + ["transfer"] * 2
+    report = json.loads(out.read_text())
+    assert [r["bench"] for r in report["rows"]] == ["ceilings"] * 2 + ["transfer"] * 2
+    assert (report["unroll_layers"], report["decode_attention"]) == (False, "reduce")
 
 
 @pytest.mark.parametrize(
     "args,message",
     [
         (["--unroll_layers", "maybe"], "should be one of"),
+        (["--decode_attention", "fast"], "should be one of"),
         (["--repeats", "x"], "--repeats"),
         (["--mesh", "no-such-mesh"], "no-such-mesh"),
     ],

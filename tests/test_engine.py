@@ -221,16 +221,25 @@ def test_disaggregated_compiles_everything_at_start_up(caplog):
     assert [c.tokens for c in results] == [c.tokens for c in reference]
 
 
-def test_unrolled_layers_give_the_same_tokens(tmp_path):
-    """``unroll_layers = true`` (the GPU option) on a tp=2 -> pp=2 pipeline: the same tokens
-    as one device with the layer loop."""
-    text = (Path(__file__).resolve().parent.parent / "meshes" / "cpu-tp2-pp2.toml").read_text()
-    (tmp_path / "unrolled.toml").write_text(f"unroll_layers = true\n{text}")
+@pytest.mark.parametrize(
+    "option,mesh",
+    [
+        ("unroll_layers = true", "cpu-tp2-pp2"),
+        ('decode_attention = "reduce"', "cpu-tp2-pp2"),
+        ('decode_attention = "reduce"', "cpu-chunked"),
+    ],
+)
+def test_gpu_options_give_the_same_tokens(tmp_path, option, mesh):
+    """The GPU speed options of a preset, ``unroll_layers = true`` and ``decode_attention =
+    "reduce"``, on a tp=2 -> pp=2 pipeline and on chunked prefill: the same tokens as one
+    device with neither."""
+    text = (Path(__file__).resolve().parent.parent / "meshes" / f"{mesh}.toml").read_text()
+    (tmp_path / "options.toml").write_text(f"{option}\n{text}")
     prompts = _prompts(seed=12)
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     reference = Engine("tiny-llama", "cpu-single", warm_up=False, progress=False).generate(prompts, params)
-    engine = Engine("tiny-llama", str(tmp_path / "unrolled.toml"), warm_up=False, progress=False)
-    assert engine.preset.unroll_layers and engine.decode[0].runner.stages == 2
+    engine = Engine("tiny-llama", str(tmp_path / "options.toml"), warm_up=False, progress=False)
+    assert (engine.preset.unroll_layers, engine.preset.decode_attention) != (False, "dot")
     assert [c.tokens for c in engine.generate(prompts, params)] == [c.tokens for c in reference]
 
 

@@ -147,7 +147,13 @@ def test_rope_scaling_changes_frequencies(name):
 
 
 def _paged_case(
-    cfg: ModelConfig, params: dict, chunks: list[tuple[int, int]], prompts: list[np.ndarray], seed: int, unroll: bool
+    cfg: ModelConfig,
+    params: dict,
+    chunks: list[tuple[int, int]],
+    prompts: list[np.ndarray],
+    seed: int,
+    unroll: bool,
+    decode_attention: str = "dot",
 ):
     """Runs ``prompts`` through PagedKV chunk by chunk; yields (row, positions, logits) per chunk."""
     z, pages_per_request, pool_pages = 4, 4, 12
@@ -164,6 +170,7 @@ def _paged_case(
         k_pages=jnp.asarray(rng.standard_normal(pool_shape), jnp.float32),
         v_pages=jnp.asarray(rng.standard_normal(pool_shape), jnp.float32),
         page_table=jnp.asarray(table),
+        decode_attention=decode_attention,
     )
     done = [0] * len(prompts)
     for sizes in chunks:
@@ -181,11 +188,16 @@ def _paged_case(
     assert done == [len(p) for p in prompts]
 
 
-@pytest.mark.parametrize("unroll", [False, True], ids=["layer-loop", "unrolled"])
+@pytest.mark.parametrize(
+    "unroll,decode_attention",
+    [(False, "dot"), (True, "dot"), (False, "reduce")],
+    ids=["layer-loop", "unrolled", "reduce"],
+)
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-opt"])
-def test_paged_chunks_match_reference(name, unroll):
+def test_paged_chunks_match_reference(name, unroll, decode_attention):
     """Prompts fed in chunks (5, 3, 1, 1, 1 and 3, 4, 1, 1 tokens) through a paged cache,
-    with the layers in a loop (CPU, TPU) and unrolled (GPU; see ``attention.unroll_layers``)."""
+    with the layers in a loop (CPU, TPU) and unrolled (the presets' ``unroll_layers``), and
+    one-token rows attending by multiply-and-sum (``decode_attention = "reduce"``)."""
     cfg = CONFIGS[name]
     params = random_params(cfg, seed=4)
     rng = np.random.default_rng(5)
@@ -193,7 +205,9 @@ def test_paged_chunks_match_reference(name, unroll):
     want = [reference.forward(cfg, params, p) for p in prompts]
     chunks = [(5, 3), (3, 4), (1, 1), (1, 1), (1, 0)]  # the last call holds a row of pure padding
     seen = [0, 0]
-    for b, positions, got in _paged_case(cfg, params, chunks, prompts, seed=6, unroll=unroll):
+    for b, positions, got in _paged_case(
+        cfg, params, chunks, prompts, seed=6, unroll=unroll, decode_attention=decode_attention
+    ):
         _assert_close(got, want[b][positions], f"{name} row {b} positions {positions.tolist()}")
         seen[b] += len(positions)
     assert seen == [11, 9]

@@ -50,6 +50,12 @@ def test_unroll_layers_is_read(tmp_path):
     assert _load(tmp_path, GOOD.replace("max_seq_len = 512", "max_seq_len = 512\nunroll_layers = true")).unroll_layers
 
 
+def test_decode_attention_is_read(tmp_path):
+    assert _load(tmp_path, GOOD).decode_attention == "dot"
+    text = GOOD.replace("max_seq_len = 512", 'max_seq_len = 512\ndecode_attention = "reduce"')
+    assert _load(tmp_path, text).decode_attention == "reduce"
+
+
 def test_good_preset_validates(tmp_path):
     _load(tmp_path, GOOD).validate(shape("tiny-llama"), 8)
     assert _load(tmp_path, GOOD.replace("pages = 64", "")).decode[0].pages == 0  # sized from memory at start
@@ -77,6 +83,10 @@ def test_pages_must_be_given_without_memory_statistics(tmp_path):
         (("tp = 4", "tp = 2\npp = 2"), r"prefill\[0\].pp=2: prefill runs tensor parallel only"),
         (("max_seq_len = 512", "max_seq_len = ["), r"invalid TOML"),
         (("max_seq_len = 512", "max_seq_len = 512\nunroll_layers = 1"), r"unroll_layers must be true or false"),
+        (
+            ("max_seq_len = 512", 'max_seq_len = 512\ndecode_attention = "fast"'),
+            r"decode_attention must be one of 'dot', 'reduce', not 'fast'",
+        ),
     ],
 )
 def test_bad_preset_names_the_field(tmp_path, edit, message):

@@ -61,6 +61,7 @@ import numpy as np
 from absl import app, flags
 
 from jdisagg import cards, kv_transfer, model, platform, sharding
+from jdisagg.attention import DECODE_ATTENTION
 from jdisagg.decode import DecodeRunner
 from jdisagg.engine import auto_pages, decode_runner, prefill_runner
 from jdisagg.pages import pages_for
@@ -113,6 +114,12 @@ _UNROLL = _Flag(
     "preset",
     "Unroll the layer loop (true/false); default: the mesh preset's unroll_layers.",
 )
+_DECODE_ATTENTION = _Flag(
+    lambda name, default, help: flags.DEFINE_enum(name, default, ["preset", *DECODE_ATTENTION], help),
+    "decode_attention",
+    "preset",
+    f"Decode attention over pages ({', '.join(DECODE_ATTENTION)}); default: the mesh preset's decode_attention.",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +139,7 @@ class Options:
     repeats: int = 10
     json_out: str = ""
     unroll_layers: bool | None = None  # None: the preset's
+    decode_attention: str = ""  # "": the preset's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,6 +280,8 @@ class Bench:
         self.preset: MeshPreset = load_preset(options.mesh or default_mesh())
         if options.unroll_layers is not None:
             self.preset = dataclasses.replace(self.preset, unroll_layers=options.unroll_layers)
+        if options.decode_attention:
+            self.preset = dataclasses.replace(self.preset, decode_attention=options.decode_attention)
         self.model = cards.open_model(cards.load_card(options.model or default_model()))
         self.cfg = self.model.cfg
         self.devices = jax.devices()
@@ -607,6 +617,8 @@ def run(options: Options) -> list[Row]:
             "model": b.model.card.name,
             "dtype": b.cfg.dtype,
             "mesh": b.preset.name,
+            "unroll_layers": b.preset.unroll_layers,
+            "decode_attention": b.preset.decode_attention,
             "backend": jax.default_backend(),
             "device_kind": b.devices[0].device_kind,
             "jax": jax.__version__,
@@ -645,6 +657,7 @@ def options_from_flags() -> Options:
         repeats=_REPEATS.value,
         json_out=_JSON_OUT.value,
         unroll_layers=None if _UNROLL.value == "preset" else _UNROLL.value == "true",
+        decode_attention="" if _DECODE_ATTENTION.value == "preset" else _DECODE_ATTENTION.value,
     )
 
 
