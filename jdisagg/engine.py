@@ -69,7 +69,9 @@ def prefill_reserve(cfg, spec, runner: PrefillRunner) -> int:
     colocated replica ran out of it mid-prefill once prefixes queued up behind a full batch.
     """
     batch_tokens = max(b * t for b, t in runner.shapes())
-    scratch = max(p.jitted.lower(*p.args).compile().memory_analysis().temp_size_in_bytes for p in runner.programs())
+    programs = runner.programs()
+    compile_all(programs)  # as warm-up would (in threads where that helps); the analysis below reuses them
+    scratch = max(p.jitted.lower(*p.args).compile().memory_analysis().temp_size_in_bytes for p in programs)
     return (spec.buffer_tokens + 2 * batch_tokens) * kv_bytes_per_token(cfg, spec) + scratch
 
 
