@@ -156,8 +156,8 @@ class DecodeInstance:
     # prefilled. None: disaggregated, any prefill instance's prefixes.
     prefill_index: int | None = None
 
-    def takes(self, r: Request) -> bool:
-        return self.prefill_index is None or self.prefill_index == r.prefill_instance
+    def takes_from(self, prefill_index: int) -> bool:
+        return self.prefill_index in (None, prefill_index)
 
 
 class Engine:
@@ -244,7 +244,7 @@ class Engine:
             for t in runner.length_buckets:
                 prefix = runner.run([[0]], [SamplingParams()], length_bucket=t)[0]
                 for d in self.decode:
-                    if d.prefill_index in (None, i):
+                    if d.takes_from(i):
                         jax.block_until_ready(kv_transfer.transfer(prefix, d.runner.prefix_sharding))
         return time.perf_counter() - start
 
@@ -380,7 +380,8 @@ class Engine:
         with self.lock:
             self._drop_cancelled(d)
             pulled = []
-            for r in [r for r in self.prefilled if d.takes(r)]:  # FCFS among the prefixes d may take
+            # FCFS among the prefixes d may take.
+            for r in [r for r in self.prefilled if d.takes_from(r.prefill_instance)]:
                 if not (self._routes_to(d, r) and d.slots.try_admit(r)):
                     break
                 self.prefilled.remove(r)
@@ -499,7 +500,7 @@ class Engine:
 
     def _routes_to(self, d: DecodeInstance, r: Request) -> bool:
         """Least-loaded routing: ``d`` pulls ``r`` only if no instance that could take it runs fewer requests."""
-        loads = [len(o.slots) for o in self.decode if o.takes(r) and o.slots.can_admit(r)]
+        loads = [len(o.slots) for o in self.decode if o.takes_from(r.prefill_instance) and o.slots.can_admit(r)]
         return bool(loads) and len(d.slots) <= min(loads)
 
     def _drop_prefix(self, r: Request) -> None:

@@ -222,12 +222,6 @@ async def run_benchmark(target: str, config: BenchConfig) -> dict:
             summary = stats.summarize_point(point.rate, results, config.slo, gpus)
             summary["requests"] = [stats.request_record(r, config.slo) for r in results]
             summaries.append(summary)
-    if skipped:
-        print(
-            f"attainment {summaries[-1]['attainment']:.1%} at {summaries[-1]['rate']:g} req/s is below "
-            f"--stop_below={config.stop_below:g}: skipped rates {', '.join(f'{r:g}' for r in skipped)}",
-            flush=True,
-        )
     good = stats.goodput([s["rate"] for s in summaries], [s["attainment"] for s in summaries], config.target_attainment)
     options = dict(input_len=config.input_len, output_len=config.output_len) if config.workload == "fixed" else {}
     if config.workload == "trace":

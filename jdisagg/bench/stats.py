@@ -368,6 +368,12 @@ def format_table(result: dict) -> str:
         f"TPOT <= {result['slo']['tpot_s']:g}s): {bound}{g['rate']:.3g} req/s = {bound}{g['per_gpu']:.3g} req/s/GPU "
         f"({result['gpus']} GPU{'s' if result['gpus'] != 1 else ''})"
     )
+    if result.get("skipped_rates"):
+        last = result["points"][-1]
+        rows.append(
+            f"attainment {last['attainment']:.1%} at {last['rate']:g} req/s is below --stop_below: "
+            f"skipped rates {', '.join(f'{r:g}' for r in result['skipped_rates'])}"
+        )
     return "\n".join(rows)
 
 
