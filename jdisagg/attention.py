@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jdisagg import model
+from jdisagg import model, paged_kernel
 from jdisagg.config import ModelConfig
 
 NULL_PAGE = 0
@@ -62,23 +62,7 @@ class PromptKV:
         return attend(q_btnh, k_btkh, v_btkh, causal_mask(pos_bt, pos_bt)), kv
 
 
-def attend_reduce(q_bnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bs: jax.Array) -> jax.Array:
-    """``attend`` for one query token per row, written as multiply-and-sum in float32 rather
-    than matmuls: XLA may then fuse a gather that produced k and v into the sums instead of
-    writing the gathered context to memory first (decode attention is bound by those bytes)."""
-    b, n, h = q_bnh.shape
-    k = k_bskh.shape[2]
-    q_bkgh = q_bnh.reshape(b, k, n // k, h).astype(jnp.float32)
-    keys_bk1sh = jnp.swapaxes(k_bskh, 1, 2)[:, :, None].astype(jnp.float32)
-    scores_bkgs = jnp.sum(q_bkgh[:, :, :, None, :] * keys_bk1sh, axis=-1)
-    scores_bkgs = jnp.where(mask_bs[:, None, None, :], scores_bkgs, _MASKED)
-    probs_bkgs = jax.nn.softmax(scores_bkgs, axis=-1)
-    values_bk1sh = jnp.swapaxes(v_bskh, 1, 2)[:, :, None].astype(jnp.float32)
-    out_bkgh = jnp.sum(probs_bkgs[..., None] * values_bk1sh, axis=3)
-    return out_bkgh.reshape(b, n, h).astype(v_bskh.dtype)
-
-
-DECODE_ATTENTION = ("dot", "reduce")
+DECODE_ATTENTION = ("dot", "pallas")
 
 
 @struct.dataclass
@@ -89,7 +73,8 @@ class PagedKV:
     v_pages: jax.Array  # [L, P, Z, K, H]
     page_table: jax.Array  # [B, P_max] int32; NULL_PAGE where unused
     # How rows of one token (decode) attend over their pages: "dot" (``attend``: gather,
-    # then matmuls) or "reduce" (``attend_reduce``). Rows of several tokens always use "dot".
+    # then matmuls) or "pallas" (``paged_kernel``: read in place, one device only). Rows of
+    # several tokens always use "dot".
     decode_attention: str = struct.field(pytree_node=False, default="dot")
 
     def write(self, layer, k_btkh, v_btkh, pos_bt) -> PagedKV:
@@ -105,6 +90,11 @@ class PagedKV:
 
     def read(self, layer, q_btnh, pos_bt) -> jax.Array:
         """Attends over each request's pages of ``layer``."""
+        if self.decode_attention == "pallas" and q_btnh.shape[1] == 1:
+            lengths_b = pos_bt[:, 0] + 1  # padding rows (pos -1) read nothing
+            return paged_kernel.decode_attention(
+                q_btnh[:, 0], self.k_pages, self.v_pages, layer, self.page_table, lengths_b
+            )[:, None]
         b, p_max = self.page_table.shape
         z = self.k_pages.shape[2]
         k_bpzkh = self.k_pages[layer, self.page_table]  # one gather: this layer's pages per request
@@ -113,10 +103,7 @@ class PagedKV:
         k_ctx = k_bpzkh.reshape(b, s, *k_bpzkh.shape[-2:])
         v_ctx = v_bpzkh.reshape(b, s, *v_bpzkh.shape[-2:])
         k_pos_bs = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        mask_bts = causal_mask(pos_bt, k_pos_bs)
-        if self.decode_attention == "reduce" and q_btnh.shape[1] == 1:
-            return attend_reduce(q_btnh[:, 0], k_ctx, v_ctx, mask_bts[:, 0])[:, None]
-        return attend(q_btnh, k_ctx, v_ctx, mask_bts)
+        return attend(q_btnh, k_ctx, v_ctx, causal_mask(pos_bt, k_pos_bs))
 
     def attend(self, layer, q_btnh, k_btkh, v_btkh, pos_bt):
         """Writes the new k, v at their positions, then attends over each request's pages."""

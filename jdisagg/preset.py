@@ -94,8 +94,9 @@ class MeshPreset:
     # compile instead of ~3 (BENCHMARKS.md). Off by default.
     unroll_layers: bool = False
     # How decode rows attend over their pages (attention.PagedKV): "dot" gathers the pages
-    # and runs matmuls; "reduce" writes multiply-and-sum that XLA may fuse with the gather.
-    # Same results; "reduce" is not yet measured on GPUs (BENCHMARKS.md).
+    # of the batch's widest length bucket and runs matmuls (any platform, any sharding);
+    # "pallas" reads each request's own pages in place with a kernel (jdisagg.paged_kernel;
+    # GPUs, and interpreted on CPU for tests), for instances whose decode runs on one device.
     decode_attention: str = "dot"
 
     @property
@@ -136,6 +137,11 @@ class MeshPreset:
                 raise ValueError(
                     f"{where}: {spec.where}.max_batch={spec.max_batch} must be a multiple of "
                     f"micro_batches={spec.micro_batches}"
+                )
+            if self.decode_attention == "pallas" and spec.runs_decode and len(spec.devices) > 1:
+                raise ValueError(
+                    f'{where}: decode_attention = "pallas" runs on instances of one device, but '
+                    f'{spec.where} has {len(spec.devices)} (pp={spec.pp}, tp={spec.tp}); use "dot"'
                 )
         if self.max_seq_len > cfg.max_seq_len:
             raise ValueError(

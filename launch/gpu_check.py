@@ -24,6 +24,15 @@ LAYOUTS = {
         2,
         "[[prefill]]\ndevices = [0]\n[[decode]]\ndevices = [1]\npages = 256\nmax_batch = 8\n",
     ),
+    "single, pallas attention": (
+        1,
+        'decode_attention = "pallas"\n[[colocated]]\ndevices = [0]\npages = 256\nmax_batch = 8\n',
+    ),
+    "prefill[0] -> decode[1], pallas": (
+        2,
+        'decode_attention = "pallas"\n'
+        "[[prefill]]\ndevices = [0]\n[[decode]]\ndevices = [1]\npages = 256\nmax_batch = 8\n",
+    ),
     "prefill tp=2 -> decode pp=2": (
         4,
         "[[prefill]]\ndevices = [0, 1]\ntp = 2\n[[decode]]\ndevices = [2, 3]\npp = 2\npages = 256\nmax_batch = 8\n",

@@ -7,6 +7,9 @@
 #   launch/gpu_experiment.sh /tmp/exp llama3-8b "gpu-2 gpu-2-colocated gpu-2-chunked" \
 #       "chat:4,8,12,16 code:8,16,24,32" 20
 #
+# Environment: WARMUP_S (default 0) seconds of arrivals before each point's measured ones, not
+# counted; PORT_BASE (default 50050) so two experiments can share a host, each on its own
+# GPUs (CUDA_VISIBLE_DEVICES).
 # Rates run lowest first; once a rate's attainment is below 50% the higher ones are skipped
 # (they cannot change the goodput, and an overloaded point takes long to drain).
 # SLOs are the DistServe paper's for OPT-13B: chat TTFT 0.25 s / TPOT 0.1 s, code 0.125 s / 0.2 s.
@@ -16,7 +19,7 @@
 set -euo pipefail
 out=$1 model=$2 systems=$3 workloads=$4 seconds=${5:-20} humaneval=${6:-}
 mkdir -p "$out"
-port=50050
+port=${PORT_BASE:-50050}
 for system in $systems; do
   port=$((port + 1))
   log="$out/$model.$system.serve.log"
@@ -38,7 +41,7 @@ for system in $systems; do
     extra=()
     [[ $name == code && -n $humaneval ]] && extra=(--humaneval_path "$humaneval")
     python3 -m jdisagg.bench run --target "127.0.0.1:$port" --workload "$name" --rates "$rates" \
-      --duration_s "$seconds" "${slo[@]}" "${extra[@]}" --label "$system" --noprogress --stop_below 0.5 \
+      --duration_s "$seconds" --warmup_s "${WARMUP_S:-0}" "${slo[@]}" "${extra[@]}" --label "$system" --noprogress --stop_below 0.5 \
       --out "$out/$model.$system.$name.json" || echo "== $system $name failed (exit $?); see $log"
   done
   kill -TERM "$pid"

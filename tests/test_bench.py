@@ -331,6 +331,24 @@ def test_arrival_processes():
     assert a1[0] == 0 and len(timed) == 30 and timed == pytest.approx(a1[:30])
 
 
+def test_warmup_arrivals_are_sent_but_not_counted():
+    import asyncio
+
+    from jdisagg.bench import loadgen
+
+    config = loadgen.BenchConfig("fixed", rates=(2.0, 4.0), duration_s=5.0, warmup_s=3.0, input_len=4, output_len=2)
+    config.validate()
+    points = asyncio.run(loadgen.plan_points(None, config, vocab_size=100, max_seq_len=64))
+    for point in points:
+        # one schedule over warm-up + measured time, the same as a plain 8-s point at this rate
+        assert point.warmup_s == 3.0
+        assert point.arrivals == pytest.approx(workloads.arrival_times(point.rate, 1.0, 0, duration_s=8.0))
+        results = [RequestResult(4, 2) for _ in point.arrivals]
+        kept = loadgen.measured(point, results)
+        late = [r for r, at in zip(results, point.arrivals, strict=True) if at >= 3.0]
+        assert 0 < len(kept) < len(results) and all(a is b for a, b in zip(kept, late, strict=True))
+
+
 # ---- command line ---------------------------------------------------------------------------
 
 
@@ -346,6 +364,11 @@ def test_arrival_processes():
         (["run", "--target", "127.0.0.1:1", "--rates", "1", "--duration_s", "5", "--num_requests", "3"], "exactly one"),
         (["run", "--target", "127.0.0.1:1", "--workload", "trace", "--rates", "1"], "needs --trace"),
         (["run", "--target", "127.0.0.1:1", "--rates", "1", "--stop_below", "0.95"], "--stop_below must be in"),
+        (["run", "--target", "127.0.0.1:1", "--rates", "1", "--warmup_s", "5"], "--warmup_s goes with --duration_s"),
+        (
+            ["run", "--target", "127.0.0.1:1", "--rates", "1", "--duration_s", "5", "--warmup_s", "-1"],
+            "--warmup_s must",
+        ),
         (["plot", "a.json"], "plot needs --out"),
         (["bogus"], "give a command"),
     ],

@@ -62,37 +62,54 @@ def test_prefill_flops_formula():
     assert np.isclose(micro.prefill_flops(b, bsz, t), expected)
 
 
+ONE_TO_ONE = """page_size = 16
+max_seq_len = 256
+[[prefill]]
+devices = [0]
+[[decode]]
+devices = [1]
+max_batch = 4
+pages = 64
+"""
+
+
 def test_command_line(tmp_path):
-    out = tmp_path / "cli.json"
+    out, mesh = tmp_path / "cli.json", tmp_path / "one_to_one.toml"
+    mesh.write_text(ONE_TO_ONE)
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
             "jdisagg.bench.micro",
             "--which",
-            "ceilings,transfer",
+            "ceilings,decode,transfer",
             "--model",
             "tiny-llama",
             "--mesh",
-            "cpu-tp4-pp2tp2",
+            str(mesh),
+            "--decode_batches",
+            "2",
+            "--decode_contexts",
+            "40",
             "--transfer_lengths",
             "32",
             "--repeats",
             "2",
             "--decode_attention",
-            "reduce",
+            "pallas",
             "--json_out",
             str(out),
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stderr
     assert "kv_transfer.transfer" in proc.stdout
     report = json.loads(out.read_text())
-    assert [r["bench"] for r in report["rows"]] == ["ceilings"] * 2 + ["transfer"] * 2
-    assert (report["unroll_layers"], report["decode_attention"]) == (False, "reduce")
+    assert [r["bench"] for r in report["rows"]] == ["ceilings"] * 2 + ["decode"] + ["transfer"] * 2
+    assert (report["unroll_layers"], report["decode_attention"]) == (False, "pallas")
+    assert "pallas kernel reads each request's pages in place" in report["rows"][2]["note"]
 
 
 @pytest.mark.parametrize(
@@ -102,6 +119,7 @@ def test_command_line(tmp_path):
         (["--decode_attention", "fast"], "should be one of"),
         (["--repeats", "x"], "--repeats"),
         (["--mesh", "no-such-mesh"], "no-such-mesh"),
+        (["--mesh", "cpu-tp2-pp2", "--decode_attention", "pallas"], "runs on instances of one device"),
     ],
 )
 def test_bad_flags_exit_2(args, message):

@@ -221,19 +221,44 @@ def test_disaggregated_compiles_everything_at_start_up(caplog):
     assert [c.tokens for c in results] == [c.tokens for c in reference]
 
 
+_ONE_TO_ONE = """page_size = 16
+max_seq_len = 512
+[[prefill]]
+devices = [0]
+max_batch = 4
+token_budget = 256
+[[decode]]
+devices = [1]
+max_batch = 8
+pages = 256
+"""
+_CHUNKED_ONE = """page_size = 16
+max_seq_len = 512
+[[chunked]]
+devices = [0]
+max_batch = 8
+pages = 256
+chunk_tokens = 32
+"""
+
+
+def _mesh_text(mesh: str) -> str:
+    return (Path(__file__).resolve().parent.parent / "meshes" / f"{mesh}.toml").read_text()
+
+
 @pytest.mark.parametrize(
-    "option,mesh",
+    "option,text",
     [
-        ("unroll_layers = true", "cpu-tp2-pp2"),
-        ('decode_attention = "reduce"', "cpu-tp2-pp2"),
-        ('decode_attention = "reduce"', "cpu-chunked"),
+        ("unroll_layers = true", _mesh_text("cpu-tp2-pp2")),
+        ('decode_attention = "pallas"', _ONE_TO_ONE),
+        ('decode_attention = "pallas"', _CHUNKED_ONE),
     ],
+    ids=["unrolled-tp2-pp2", "pallas-1p1d", "pallas-chunked"],
 )
-def test_gpu_options_give_the_same_tokens(tmp_path, option, mesh):
-    """The GPU speed options of a preset, ``unroll_layers = true`` and ``decode_attention =
-    "reduce"``, on a tp=2 -> pp=2 pipeline and on chunked prefill: the same tokens as one
-    device with neither."""
-    text = (Path(__file__).resolve().parent.parent / "meshes" / f"{mesh}.toml").read_text()
+def test_gpu_options_give_the_same_tokens(tmp_path, option, text):
+    """The GPU speed options of a preset, ``unroll_layers = true`` (on a tp=2 -> pp=2
+    pipeline) and ``decode_attention = "pallas"`` (the paged kernel, interpreted on CPU;
+    disaggregated 1 -> 1 and chunked prefill): the same tokens as one device with neither."""
     (tmp_path / "options.toml").write_text(f"{option}\n{text}")
     prompts = _prompts(seed=12)
     params = SamplingParams(max_tokens=8, ignore_eos=True)

@@ -190,14 +190,14 @@ def _paged_case(
 
 @pytest.mark.parametrize(
     "unroll,decode_attention",
-    [(False, "dot"), (True, "dot"), (False, "reduce")],
-    ids=["layer-loop", "unrolled", "reduce"],
+    [(False, "dot"), (True, "dot"), (False, "pallas")],
+    ids=["layer-loop", "unrolled", "pallas"],
 )
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-opt"])
 def test_paged_chunks_match_reference(name, unroll, decode_attention):
     """Prompts fed in chunks (5, 3, 1, 1, 1 and 3, 4, 1, 1 tokens) through a paged cache,
     with the layers in a loop (CPU, TPU) and unrolled (the presets' ``unroll_layers``), and
-    one-token rows attending by multiply-and-sum (``decode_attention = "reduce"``)."""
+    one-token rows attending with the Pallas kernel (``decode_attention = "pallas"``, interpreted on CPU)."""
     cfg = CONFIGS[name]
     params = random_params(cfg, seed=4)
     rng = np.random.default_rng(5)

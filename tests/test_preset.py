@@ -52,8 +52,8 @@ def test_unroll_layers_is_read(tmp_path):
 
 def test_decode_attention_is_read(tmp_path):
     assert _load(tmp_path, GOOD).decode_attention == "dot"
-    text = GOOD.replace("max_seq_len = 512", 'max_seq_len = 512\ndecode_attention = "reduce"')
-    assert _load(tmp_path, text).decode_attention == "reduce"
+    text = GOOD.replace("max_seq_len = 512", 'max_seq_len = 512\ndecode_attention = "pallas"')
+    assert _load(tmp_path, text).decode_attention == "pallas"
 
 
 def test_good_preset_validates(tmp_path):
@@ -85,7 +85,7 @@ def test_pages_must_be_given_without_memory_statistics(tmp_path):
         (("max_seq_len = 512", "max_seq_len = 512\nunroll_layers = 1"), r"unroll_layers must be true or false"),
         (
             ("max_seq_len = 512", 'max_seq_len = 512\ndecode_attention = "fast"'),
-            r"decode_attention must be one of 'dot', 'reduce', not 'fast'",
+            r"decode_attention must be one of 'dot', 'pallas', not 'fast'",
         ),
     ],
 )
@@ -104,6 +104,9 @@ def test_preset_against_model_and_host(tmp_path):
     five_layers = shape("tiny-llama").replace(n_layers=5)
     with pytest.raises(ValueError, match=r"decode\[0\].pp=2 does not divide the model's layers \(5\)"):
         p.validate(five_layers, 8)
+    pallas = _load(tmp_path, GOOD.replace("max_seq_len = 512", 'max_seq_len = 512\ndecode_attention = "pallas"'))
+    with pytest.raises(ValueError, match=r"\"pallas\" runs on instances of one device, but decode\[0\] has 4"):
+        pallas.validate(shape("tiny-llama"), 8)
     with pytest.raises(ValueError, match="exceeds the model's context"):
         p.validate(shape("tiny-llama").replace(max_seq_len=256), 8)
     with pytest.raises(ValueError, match="needs at least one"):

@@ -63,6 +63,12 @@ def _define_flags() -> None:
     _define(flags.DEFINE_float, "cv", 1.0, "Coefficient of variation of arrival gaps (gamma); 1 is Poisson.")
     _define(flags.DEFINE_integer, "num_requests", 100, "Requests per rate point (or give --duration_s).")
     _define(flags.DEFINE_float, "duration_s", 0.0, "Send every arrival within this many seconds per rate point.")
+    _define(
+        flags.DEFINE_float,
+        "warmup_s",
+        0.0,
+        "With --duration_s: first send arrivals for this many seconds at the same rate, not counted.",
+    )
     _define(flags.DEFINE_float, "slo_ttft", 1.0, "TTFT SLO in seconds.")
     _define(flags.DEFINE_float, "slo_tpot", 0.1, "TPOT SLO in seconds.")
     _define(flags.DEFINE_float, "target_attainment", 0.9, "Attainment that defines goodput.")
@@ -134,6 +140,7 @@ def _config():
         cv=_flag("cv"),
         num_requests=num_requests,
         duration_s=_flag("duration_s"),
+        warmup_s=_flag("warmup_s"),
         slo=Slo(_flag("slo_ttft"), _flag("slo_tpot")),
         target_attainment=_flag("target_attainment"),
         gpus=_flag("gpus"),

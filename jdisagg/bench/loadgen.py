@@ -10,7 +10,9 @@ request's arrival time and starts one asyncio task per request; a task records t
 time, the arrival time of every token (a stream message may carry several tokens: they all
 get that message's time), the FinalInfo's latency breakdown and finish reason, or the
 error's status code. A point ends when all its requests have; the next starts on an idle
-server. The result is plain JSON data (``stats.summarize_point`` per point, the goodput,
+server. With ``warmup_s`` a point first sends arrivals for that long at the same rate and
+counts only the requests that arrive after it, so the figures describe a loaded server
+rather than one filling up from idle. The result is plain JSON data (``stats.summarize_point`` per point, the goodput,
 and one record per request).
 
 ``local_server(model, mesh)`` runs a ``jdisagg.server.Server`` in this process on a free
@@ -47,6 +49,7 @@ class BenchConfig:
     cv: float = 1.0  # arrival gaps' coefficient of variation (1: Poisson)
     num_requests: int = 0  # per point; or
     duration_s: float = 0.0  # per point: every arrival before this time
+    warmup_s: float = 0.0  # per point: arrivals this long before the measured ones, not counted
     slo: Slo = Slo(ttft_s=1.0, tpot_s=0.1)
     target_attainment: float = 0.9
     gpus: int = 0  # 0: the devices of the server's instances
@@ -81,6 +84,10 @@ class BenchConfig:
                 raise ValueError("give exactly one of --num_requests and --duration_s")
         if self.num_requests < 0 or self.duration_s < 0:
             raise ValueError("--num_requests and --duration_s must be >= 0")
+        if self.warmup_s < 0:
+            raise ValueError(f"--warmup_s must be >= 0 (got {self.warmup_s:g})")
+        if self.warmup_s and (self.workload == "trace" or not self.duration_s):
+            raise ValueError("--warmup_s goes with --duration_s and a rate sweep (not a trace or --num_requests)")
         if self.cv <= 0:
             raise ValueError(f"--cv must be > 0 (got {self.cv})")
         if self.slo.ttft_s <= 0 or self.slo.tpot_s <= 0:
@@ -105,6 +112,7 @@ class Point:
     rate: float
     requests: Sequence[BenchRequest]
     arrivals: Sequence[float]
+    warmup_s: float = 0.0  # requests arriving earlier load the server but are not counted
 
 
 # ---- sending --------------------------------------------------------------------------------
@@ -148,6 +156,11 @@ async def run_point(client: AsyncClient, point: Point, slo: Slo, progress: bool 
             task.add_done_callback(lambda _: bar.update())
             tasks.append(task)
         return list(await asyncio.gather(*tasks))
+
+
+def measured(point: Point, results: Sequence[RequestResult]) -> list[RequestResult]:
+    """The results of the requests that arrived after the point's warm-up."""
+    return [r for r, at in zip(results, point.arrivals, strict=True) if at >= point.warmup_s]
 
 
 async def wait_until_serving(client: AsyncClient, wait_s: float) -> pb.ModelInfoResponse:
@@ -194,15 +207,16 @@ async def plan_points(client: AsyncClient, config: BenchConfig, vocab_size: int,
         arrivals = workloads.trace_arrivals(entries, c.trace_speed)
         span = float(arrivals[-1])
         return [Point((len(arrivals) - 1) / span if span > 0 else 0.0, requests, arrivals.tolist())]
+    span = c.duration_s and c.warmup_s + c.duration_s
     schedules = [
-        workloads.arrival_times(r, c.cv, c.seed, num_requests=c.num_requests, duration_s=c.duration_s) for r in c.rates
+        workloads.arrival_times(r, c.cv, c.seed, num_requests=c.num_requests, duration_s=span) for r in c.rates
     ]
     n = max(len(s) for s in schedules)
     opts = dict(input_len=c.input_len, output_len=c.output_len, humaneval_path=c.humaneval_path)
     requests = workloads.make_requests(
         workloads.lengths_for(c.workload, n, c.seed, **opts), c.seed, vocab_size, max_seq_len
     )
-    return [Point(r, requests[: len(s)], s.tolist()) for r, s in zip(c.rates, schedules, strict=True)]
+    return [Point(r, requests[: len(s)], s.tolist(), c.warmup_s) for r, s in zip(c.rates, schedules, strict=True)]
 
 
 async def run_benchmark(target: str, config: BenchConfig) -> dict:
@@ -219,8 +233,10 @@ async def run_benchmark(target: str, config: BenchConfig) -> dict:
                 skipped.append(point.rate)
                 continue
             results = await run_point(client, point, config.slo, config.progress)
-            summary = stats.summarize_point(point.rate, results, config.slo, gpus)
-            summary["requests"] = [stats.request_record(r, config.slo) for r in results]
+            counted = measured(point, results)
+            summary = stats.summarize_point(point.rate, counted, config.slo, gpus)
+            summary["warmup_requests"] = len(results) - len(counted)
+            summary["requests"] = [stats.request_record(r, config.slo) for r in counted]
             summaries.append(summary)
     good = stats.goodput([s["rate"] for s in summaries], [s["attainment"] for s in summaries], config.target_attainment)
     options = dict(input_len=config.input_len, output_len=config.output_len) if config.workload == "fixed" else {}
@@ -232,6 +248,8 @@ async def run_benchmark(target: str, config: BenchConfig) -> dict:
         "workload_options": options,
         "cv": config.cv,
         "seed": config.seed,
+        "duration_s": config.duration_s,
+        "warmup_s": config.warmup_s,
         "slo": dataclasses.asdict(config.slo),
         "target_attainment": config.target_attainment,
         "gpus": gpus,

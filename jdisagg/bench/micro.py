@@ -26,7 +26,9 @@ Benchmarks (``--which``, a comma list; the ceilings always run: every ratio need
       W  +  2 * L * K * H * itemsize * S * B
 
   Ratio: achieved bytes/s over (copy bandwidth x the instance's device count). The note
-  says how many pages per request the step gathers (the runner's width bucket).
+  says how the step reads the pages: with ``decode_attention = "dot"`` it gathers the
+  runner's width bucket of pages per request; with ``"pallas"`` the kernel reads each
+  request's own pages in place.
 * ``transfer``: ``kv_transfer.transfer`` of a real prefix (made by the prefill runner)
   into the decode instance's prefix layout, and a plain ``jax.device_put`` of the same
   prefix between the two meshes, each over a ``device_put`` of the same bytes from one
@@ -404,6 +406,12 @@ def bench_prefill(b: Bench) -> list[Row]:
 # ---- decode ----------------------------------------------------------------------------------
 
 
+def _decode_note(preset, width: int, n_pages: int) -> str:
+    if preset.decode_attention == "pallas":
+        return f"pallas kernel reads each request's pages in place; pool {n_pages} pages"
+    return f"gathers {width} pages of {preset.page_size} per request; pool {n_pages} pages"
+
+
 def time_decode(runner: DecodeRunner, batch: int, context: int, repeats: int) -> tuple[Timing, tuple[int, int]]:
     """One decode step for ``batch`` requests at position ``context``, each with its own
     ``context + 1`` positions of pages (distinct, shuffled); inputs padded as the runner
@@ -465,7 +473,7 @@ def bench_decode(b: Bench) -> list[Row]:
                     devices=n_dev,
                     bytes=nbytes,
                     tokens=batch,
-                    note=f"gathers {width} pages of {b.preset.page_size} per request; pool {runner.n_pages} pages",
+                    note=_decode_note(b.preset, width, runner.n_pages),
                 )
             )
     return rows
