@@ -176,7 +176,7 @@ class Engine:
         self.model = cards.open_model(cards.load_card(model_name), dtype)
         self.cfg, self.tokenizer = self.model.cfg, self.model.tokenizer
         devices = jax.devices()
-        self.preset.validate(self.cfg, len(devices))
+        self.preset.validate(self.cfg, len(devices), devices[0].platform)
         preset, cfg = self.preset, self.cfg
         self.max_seq_len = preset.max_seq_len
         self.eos_ids = tuple(self.tokenizer.eos_ids) if self.tokenizer else cfg.eos_ids

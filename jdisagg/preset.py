@@ -115,9 +115,15 @@ class MeshPreset:
     def device_count(self) -> int:
         return sum(len(i.devices) for i in self.instances)
 
-    def validate(self, cfg: ModelConfig, n_devices: int) -> None:
-        """Checks the preset against the model and the host; errors name the offending field."""
+    def validate(self, cfg: ModelConfig, n_devices: int, platform: str = "") -> None:
+        """Checks the preset against the model and the host (``platform``: "cpu", "gpu",
+        "tpu"; "" skips that check); errors name the offending field."""
         where = self.source or self.name
+        if self.decode_attention == "pallas" and platform not in ("", "cpu", "gpu"):
+            raise ValueError(
+                f'{where}: decode_attention = "pallas" is a GPU kernel (interpreted on CPU for tests); '
+                f'on {platform} use "dot"'
+            )
         for spec in self.instances:
             for d in spec.devices:
                 if not 0 <= d < n_devices:

@@ -107,6 +107,12 @@ def test_preset_against_model_and_host(tmp_path):
     pallas = _load(tmp_path, GOOD.replace("max_seq_len = 512", 'max_seq_len = 512\ndecode_attention = "pallas"'))
     with pytest.raises(ValueError, match=r"\"pallas\" runs on instances of one device, but decode\[0\] has 4"):
         pallas.validate(shape("tiny-llama"), 8)
+    one_device = _load(
+        tmp_path, 'max_seq_len = 512\ndecode_attention = "pallas"\n[[colocated]]\ndevices = [0]\npages = 64\n'
+    )
+    one_device.validate(shape("tiny-llama"), 1, "gpu")
+    with pytest.raises(ValueError, match=r"\"pallas\" is a GPU kernel .*on tpu use \"dot\""):
+        one_device.validate(shape("tiny-llama"), 1, "tpu")
     with pytest.raises(ValueError, match="exceeds the model's context"):
         p.validate(shape("tiny-llama").replace(max_seq_len=256), 8)
     with pytest.raises(ValueError, match="needs at least one"):

@@ -287,7 +287,7 @@ class Bench:
         self.model = cards.open_model(cards.load_card(options.model or default_model()))
         self.cfg = self.model.cfg
         self.devices = jax.devices()
-        self.preset.validate(self.cfg, len(self.devices))
+        self.preset.validate(self.cfg, len(self.devices), self.devices[0].platform)
         self.abstract = model.abstract_params(self.cfg)
         self.itemsize = jnp.dtype(self.cfg.dtype).itemsize
         self.layer_params = sum(x.size for x in jax.tree_util.tree_leaves(self.abstract["layers"]))
