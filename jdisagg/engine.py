@@ -177,6 +177,12 @@ class Engine:
         self.cfg, self.tokenizer = self.model.cfg, self.model.tokenizer
         devices = jax.devices()
         self.preset.validate(self.cfg, len(devices), devices[0].platform)
+        logging.info(
+            "mesh preset %s: decode attention %s, layer loop %s",
+            self.preset.name,
+            self.preset.decode_attention,
+            "unrolled" if self.preset.unroll_layers else "scanned",
+        )
         preset, cfg = self.preset, self.cfg
         self.max_seq_len = preset.max_seq_len
         self.eos_ids = tuple(self.tokenizer.eos_ids) if self.tokenizer else cfg.eos_ids
