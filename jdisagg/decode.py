@@ -183,10 +183,12 @@ class DecodeRunner:
         self.chunk_tokens = chunk_tokens  # > 0: this instance also prefills, in chunks of this size
         self.page_size, self.n_pages = page_size, n_pages
         self.max_pages_per_seq = pages_for(max_seq_len, page_size)
-        # Page-table widths: a step gathers only as many pages per request as its longest
-        # context needs, rounded up to one of these (x2 apart from 16 pages).
+        # Page-table widths: with "dot" a step gathers only as many pages per request as its
+        # longest context needs, rounded up to one of these (x2 apart from 16 pages). The
+        # Pallas kernel reads each request's pages up to its own length whatever the table's
+        # width, so one width does (a quarter of the programs to compile on a 2048-token preset).
         widths, w = [], 16
-        while w < self.max_pages_per_seq:
+        while w < self.max_pages_per_seq and decode_attention == "dot":
             widths.append(w)
             w *= 2
         self.width_buckets = (*widths, self.max_pages_per_seq)
