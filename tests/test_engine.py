@@ -252,8 +252,9 @@ def _mesh_text(mesh: str) -> str:
         ("unroll_layers = true", _mesh_text("cpu-tp2-pp2")),
         ('decode_attention = "pallas"', _ONE_TO_ONE),
         ('decode_attention = "pallas"', _CHUNKED_ONE),
+        ('unroll_layers = true\ndecode_attention = "pallas"', _ONE_TO_ONE),
     ],
-    ids=["unrolled-tp2-pp2", "pallas-1p1d", "pallas-chunked"],
+    ids=["unrolled-tp2-pp2", "pallas-1p1d", "pallas-chunked", "unrolled-pallas-1p1d"],
 )
 def test_gpu_options_give_the_same_tokens(tmp_path, option, text):
     """The GPU speed options of a preset, ``unroll_layers = true`` (on a tp=2 -> pp=2
