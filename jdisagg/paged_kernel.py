@@ -81,8 +81,8 @@ def decode_attention(
     rows = max(_MIN_ROWS, g)
     q_bkgh = jnp.pad(q_bnh.reshape(b, k, g, h), ((0, 0), (0, 0), (0, rows - g), (0, 0)))
     width = -(-page_table.shape[1] // PAGES_PER_BLOCK) * PAGES_PER_BLOCK
-    table = jnp.pad(page_table, ((0, 0), (0, width - page_table.shape[1])))  # pads with page 0
-    table = (table + layer * n_pages).astype(jnp.int32)
+    table_bp = jnp.pad(page_table, ((0, 0), (0, width - page_table.shape[1])))  # pads with page 0
+    table_bp = (table_bp + layer * n_pages).astype(jnp.int32)  # page ids in the [L * P, ...] view
     pool_shape = (n_layers * n_pages, z, k, h)
     per_head = pl.BlockSpec((None, None, rows, h), lambda i, j: (i, j, 0, 0))
     pool = pl.BlockSpec((n_layers * n_pages, z, None, h), lambda i, j: (0, 0, j, 0))
@@ -103,7 +103,7 @@ def decode_attention(
         name="jdisagg_paged_decode_attention",
     )(
         q_bkgh,
-        table,
+        table_bp,
         lengths_b.astype(jnp.int32)[:, None],
         k_pages.reshape(pool_shape),
         v_pages.reshape(pool_shape),
