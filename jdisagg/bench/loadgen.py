@@ -12,8 +12,8 @@ get that message's time), the FinalInfo's latency breakdown and finish reason, o
 error's status code. A point ends when all its requests have; the next starts on an idle
 server. With ``warmup_s`` a point first sends arrivals for that long at the same rate and
 counts only the requests that arrive after it, so the figures describe a loaded server
-rather than one filling up from idle. The result is plain JSON data (``stats.summarize_point`` per point, the goodput,
-and one record per request).
+rather than one filling up from idle. The result is plain JSON data
+(``stats.summarize_point`` per point, the goodput, and one record per request).
 
 ``local_server(model, mesh)`` runs a ``jdisagg.server.Server`` in this process on a free
 port instead. Its threads share the interpreter with the client, so at high rates the
