@@ -3,8 +3,9 @@
 One attention function serves every step; steps differ only in where keys and values
 live (each cache view's ``attend`` stores the new k, v and attends over its context):
 
-* ``PromptKV`` (prefill): the context is the prompt itself. Each layer's k and v are
-  also stored into ``[L, B, T, K, H]`` buffers, which become the request's prefix KV.
+* ``PromptKV`` (prefill): the context is the prompt itself (several prompts may be packed
+  into one row). Each layer's k and v are also stored into ``[L, B, T, K, H]`` buffers,
+  from which each request's prefix KV is cut.
 * ``PagedKV`` (decode, and any step with past context): k and v live in a page pool
   ``[L, P, Z, K, H]``; ``page_table [B, P_max]`` maps a request's positions to pages.
   Page 0 is the null page: padding rows and unused table slots point at it, so their
@@ -47,19 +48,28 @@ def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: ja
 
 @struct.dataclass
 class PromptKV:
-    """Prefill cache: the prompt's own k and v, kept per layer as the prefix KV."""
+    """Prefill cache: the prompts' own k and v, kept per layer as their prefix KV.
+
+    Several prompts may share a row, packed end to end: ``segment_bt`` names each token's
+    prompt, and a token sees only earlier tokens of its own.
+    """
 
     k: jax.Array  # [L, B, T, K, H]
     v: jax.Array  # [L, B, T, K, H]
+    segment_bt: jax.Array  # [B, T] int32
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, batch: int, length: int) -> PromptKV:
+    def empty(cls, cfg: ModelConfig, batch: int, length: int, segment_bt: jax.Array | None = None) -> PromptKV:
+        """Zero buffers; one prompt per row unless ``segment_bt`` is given."""
         shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
-        return cls(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+        if segment_bt is None:
+            segment_bt = jnp.zeros((batch, length), jnp.int32)
+        return cls(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype), segment_bt)
 
     def attend(self, layer, q_btnh, k_btkh, v_btkh, pos_bt):
-        kv = PromptKV(self.k.at[layer].set(k_btkh), self.v.at[layer].set(v_btkh))
-        return attend(q_btnh, k_btkh, v_btkh, causal_mask(pos_bt, pos_bt)), kv
+        kv = self.replace(k=self.k.at[layer].set(k_btkh), v=self.v.at[layer].set(v_btkh))
+        same = self.segment_bt[:, :, None] == self.segment_bt[:, None, :]
+        return attend(q_btnh, k_btkh, v_btkh, causal_mask(pos_bt, pos_bt) & same), kv
 
 
 DECODE_ATTENTION = ("dot", "pallas")

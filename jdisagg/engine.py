@@ -30,7 +30,7 @@ from jdisagg import cards, kv_transfer, model, sharding
 from jdisagg.decode import DecodeRunner
 from jdisagg.pages import pages_for
 from jdisagg.platform import compile_all
-from jdisagg.prefill import PrefillRunner, bucket_for, length_buckets
+from jdisagg.prefill import PrefillRunner, length_buckets
 from jdisagg.preset import MeshPreset, load_preset
 from jdisagg.sampling import Logprob, SamplingParams
 from jdisagg.scheduler import DecodeSlots, PrefillQueue, Request, State, stop_reason
@@ -62,17 +62,17 @@ def kv_bytes_per_token(cfg, spec) -> int:
 def prefill_reserve(cfg, spec, runner: PrefillRunner) -> int:
     """Device bytes a colocated instance's prefill needs beside its page pool.
 
-    Prefill holds prefixes until decode pulls them: up to ``buffer_tokens``, plus the batch
-    that started below that limit, whose output also exists twice while it is split into
-    rows. Add the largest prefill program's scratch (compiled memory analysis; the compile
+    Prefill holds prefixes until decode pulls them: up to ``buffer_tokens``, plus those of
+    the call that started below that limit, and that call's packed row while they are cut
+    from it. Add the largest prefill program's scratch (compiled memory analysis; the compile
     is the one warm-up would do). Without this the pool took the memory, and an OPT-13B
     colocated replica ran out of it mid-prefill once prefixes queued up behind a full batch.
     """
-    batch_tokens = max(b * t for b, t in runner.shapes())
     programs = runner.programs()
     compile_all(programs)  # as warm-up would (in threads where that helps); the analysis below reuses them
     scratch = max(p.jitted.lower(*p.args).compile().memory_analysis().temp_size_in_bytes for p in programs)
-    return (spec.buffer_tokens + 2 * batch_tokens) * kv_bytes_per_token(cfg, spec) + scratch
+    tokens = spec.buffer_tokens + runner.token_buckets[-1] + runner.call_tokens()
+    return tokens * kv_bytes_per_token(cfg, spec) + scratch
 
 
 def free_device_bytes(mesh) -> int | None:
@@ -122,9 +122,6 @@ def prefill_runner(cfg, params, mesh, spec, preset: MeshPreset, length_buckets: 
         length_buckets=length_buckets,
         max_batch=spec.max_batch,
         token_budget=spec.token_budget,
-        # A colocated instance's batch_buckets are its decode batches; its prefill batches
-        # are powers of two within the token budget.
-        batch_buckets=spec.batch_buckets if spec.role == "prefill" else (),
         unroll=preset.unroll_layers,
     )
 
@@ -248,7 +245,7 @@ class Engine:
         start = time.perf_counter()
         for i, runner in enumerate(self.prefill):
             for t in runner.length_buckets:
-                prefix = runner.run([[0]], [SamplingParams()], length_bucket=t)[0]
+                prefix = runner.run([[0] * t], [SamplingParams()])[0]
                 for d in self.decode:
                     if d.takes_from(i):
                         jax.block_until_ready(kv_transfer.transfer(prefix, d.runner.prefix_sharding))
@@ -345,9 +342,7 @@ class Engine:
         with self.lock:
             if self.held_tokens[index] >= self.buffer_tokens[index]:
                 return False  # back-pressure: decode has not pulled enough yet
-            batch = self.queue.next_batch(
-                functools.partial(bucket_for, buckets=runner.length_buckets), runner.max_batch_for
-            )
+            batch = self.queue.next_batch(runner.max_prompts, runner.token_budget)
             for r in batch:
                 r.mark("prefill_start")
         if not batch:

@@ -55,15 +55,16 @@ class InstanceSpec:
     pp: int = 1
     tp: int = 1
     rules: Mapping[str, str | None] = dataclasses.field(default_factory=lambda: sharding.DEFAULT_RULES)
-    max_batch: int = 8  # prefill: prompts per call; decode: requests per step
-    token_budget: int = 2048  # prefill: prompt tokens per call (L_m); longer prompts run alone
+    # prefill: prompts per call (also at most token_budget / the smallest length bucket);
+    # decode: requests per step
+    max_batch: int = 8
+    token_budget: int = 2048  # prefill: prompt tokens packed into one call (L_m); longer prompts run alone
     buffer_tokens: int = 0  # prefill, colocated: prefix tokens held for decode to pull before prefill pauses
     pages: int = 0  # decode: KV pages in the pool, the null page included; 0 sizes it from free memory
     micro_batches: int = 0  # decode: pipeline micro-batches; 0 means pp
     chunk_tokens: int = 0  # chunked: prompt tokens prefilled per decode step
-    # Compiled batch sizes of the instance's main step (prefill: prompts per call; decode,
-    # colocated, chunked: decode rows); () means powers of two up to max_batch. A colocated
-    # instance's prefill batches are powers of two within token_budget; prefill always has 1.
+    # Compiled decode batch sizes (decode, colocated, chunked); () means powers of two up to
+    # max_batch. Prefill has none: a call packs its prompts into one row of tokens.
     batch_buckets: tuple[int, ...] = ()
 
     @property
@@ -85,7 +86,10 @@ class MeshPreset:
     page_size: int
     max_seq_len: int  # prompt plus output tokens of one request
     instances: tuple[InstanceSpec, ...]
-    length_buckets: tuple[int, ...] = ()  # compiled prompt lengths; () means powers of two up to max_seq_len
+    # Compiled prompt lengths: each prompt's prefix KV is cut to one, and a packed prefill row
+    # is one (or 1.5x / 2x steps past the largest, up to token_budget). () means powers of
+    # two up to max_seq_len.
+    length_buckets: tuple[int, ...] = ()
     description: str = ""
     source: str = ""
     # Unroll the loop over layers in every program. On GPUs XLA copies each layer's weights
@@ -175,6 +179,11 @@ def _instance(role: str, index: int, table: dict, where: str) -> InstanceSpec:
     pp, tp = _positive(table, "pp", at, 1), _positive(table, "tp", at, 1)
     if pp * tp != len(devices):
         raise ValueError(f"{at}: pp * tp = {pp * tp} but devices lists {len(devices)} device(s)")
+    if role == "prefill" and "batch_buckets" in table:
+        raise ValueError(
+            f"{at}.batch_buckets: a prefill call packs its prompts into one row of tokens, so it has no "
+            "batch sizes to compile; max_batch (prompts per call) and token_budget bound it"
+        )
     if role in ("prefill", "colocated", "chunked") and pp != 1:
         raise ValueError(f"{at}.pp={pp}: prefill runs tensor parallel only (pp must be 1)")
     rules = dict(sharding.DEFAULT_RULES)

@@ -108,20 +108,18 @@ class PrefillQueue:
         self._queue.clear()
         return out
 
-    def next_batch(self, bucket_of, max_batch_for) -> list[Request]:
-        """The longest FCFS prefix of the queue that fits one call.
-
-        ``bucket_of(n)`` is the length bucket of an n-token prompt; ``max_batch_for(t)`` the
-        most prompts of bucket t one call takes (from the token budget, at least one).
-        """
+    def next_batch(self, max_prompts: int, token_budget: int) -> list[Request]:
+        """The longest FCFS prefix of the queue that packs into one prefill call: at most
+        ``max_prompts`` prompts of at most ``token_budget`` tokens together; a longer prompt
+        at the head runs alone."""
         batch: list[Request] = []
-        bucket = 0
+        tokens = 0
         for request in self._queue:
-            t = max(bucket, bucket_of(len(request.prefill_tokens)))
-            if batch and len(batch) + 1 > max_batch_for(t):
+            n = len(request.prefill_tokens)
+            if batch and (len(batch) == max_prompts or tokens + n > token_budget):
                 break
             batch.append(request)
-            bucket = t
+            tokens += n
         for _ in batch:
             self._queue.popleft()
         return batch

@@ -6,7 +6,11 @@ import jax
 import numpy as np
 import pytest
 
+from jdisagg import sharding
+from jdisagg.config import shape
 from jdisagg.engine import Engine
+from jdisagg.model import init_params
+from jdisagg.prefill import PrefillRunner, bucket_for
 from jdisagg.sampling import SamplingParams
 
 MESHES = ["cpu-single", "cpu-colocated-tp4", "cpu-tp2-pp2", "cpu-tp4-pp2tp2"]
@@ -190,8 +194,8 @@ def _generate_compiles(engine, prompts, params, caplog) -> tuple[list, list[str]
 
 def test_colocated_compiles_every_shape_at_start_up(tmp_path, caplog):
     """A colocated instance whose decode batch buckets exceed the prefill token budget: its
-    prefill batches stay powers of two within the budget (batch 1 for long prompts), warm-up
-    compiles every program the requests then use, and tokens equal one device's."""
+    prefill calls pack prompts into rows of the length buckets (a long prompt alone),
+    warm-up compiles every program the requests then use, and tokens equal one device's."""
     (tmp_path / "colocated.toml").write_text(
         'name = "colocated-buckets"\npage_size = 16\nmax_seq_len = 256\n\n'
         "[[colocated]]\ndevices = [0]\nmax_batch = 8\nbatch_buckets = [4, 8]\ntoken_budget = 64\npages = 64\n"
@@ -201,11 +205,35 @@ def test_colocated_compiles_every_shape_at_start_up(tmp_path, caplog):
     reference = Engine("tiny-llama", "cpu-single", warm_up=False, progress=False).generate(prompts, params)
     engine = Engine("tiny-llama", str(tmp_path / "colocated.toml"), progress=False)
     runner = engine.prefill[0]
-    assert {t for b, t in runner.shapes() if b == 1} == set(runner.length_buckets)
-    assert all(b * t <= 64 for b, t in runner.shapes() if b > 1)
+    assert runner.token_buckets == runner.length_buckets == (16, 32, 64, 128, 256)
+    assert runner.max_prompts == 4  # 64 tokens / 16, the smallest bucket
     results, compiled = _generate_compiles(engine, prompts, params, caplog)
     assert not compiled, compiled
     assert [c.tokens for c in results] == [c.tokens for c in reference]
+
+
+def test_packed_prefill_equals_prompts_alone():
+    """One call of several prompts packed into a row gives each prompt the first token and
+    prefix KV (cut at its length bucket) that a call of it alone gives; the token buckets
+    run past the longest prompt bucket up to the budget."""
+    cfg = shape("tiny-llama")
+    params = init_params(cfg, jax.random.key(3))
+    mesh = sharding.make_mesh(jax.devices()[:1], 1, 1)
+    runner = PrefillRunner(
+        cfg, params, mesh, sharding.DEFAULT_RULES, length_buckets=(16, 32, 64), max_batch=8, token_budget=192
+    )
+    assert runner.token_buckets == (16, 32, 64, 96, 128, 192)
+    prompts = _prompts(seed=21, lengths=(30, 5, 64, 17, 1))
+    packed = runner.run(prompts, [SamplingParams()] * len(prompts))
+    for p, got in zip(prompts, packed, strict=True):
+        [alone] = runner.run([p], [SamplingParams()])
+        assert got.first_token == alone.first_token
+        bucket = bucket_for(len(p), runner.length_buckets)
+        assert got.k.shape == alone.k.shape == (cfg.n_layers, bucket, *got.k.shape[2:])
+        for a, b in ((got.k, alone.k), (got.v, alone.v)):
+            np.testing.assert_allclose(np.asarray(a)[:, : len(p)], np.asarray(b)[:, : len(p)], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="at most 8"):
+        runner.run(prompts * 2, [SamplingParams()] * 10)
 
 
 def test_disaggregated_compiles_everything_at_start_up(caplog):
@@ -276,8 +304,8 @@ def test_gpu_options_give_the_same_tokens(tmp_path, option, text):
 
 def test_colocated_auto_pages_keep_memory_for_prefill(tmp_path, monkeypatch):
     """A colocated instance sized from device memory (``pages`` left out) leaves room beside
-    its pool for the prefixes its prefill may hold (buffer + one batch, twice while it is
-    split into rows) and the largest prefill program's scratch; still the same tokens."""
+    its pool for the prefixes its prefill may hold (buffer + one call's prefixes + the packed
+    row they are cut from) and the largest prefill program's scratch; still the same tokens."""
     from jdisagg import engine as engine_module
 
     (tmp_path / "auto.toml").write_text(
@@ -289,7 +317,7 @@ def test_colocated_auto_pages_keep_memory_for_prefill(tmp_path, monkeypatch):
     engine = Engine("tiny-llama", str(tmp_path / "auto.toml"), warm_up=False, progress=False)
     cfg, runner = engine.cfg, engine.prefill[0]
     token_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4 // 2  # float32, KV heads split over tp=2
-    held = (96 + 2 * max(b * t for b, t in runner.shapes())) * token_bytes
+    held = (96 + runner.token_buckets[-1] + runner.call_tokens()) * token_bytes
     assert held > 96 * token_bytes
     pages = engine.decode[0].runner.n_pages
     assert 0 < pages * 16 * token_bytes <= engine_module.KV_MEMORY_FRACTION * (free - held)

@@ -115,6 +115,30 @@ def test_prompt_logits_match_reference(name):
     _assert_close(got[1, t - lengths[1] :], reference.forward(cfg, params, prompts[1]), f"{name} row 1")
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-opt"])
+def test_packed_prompts_match_reference(name):
+    """Prompts packed end to end into one row (as a prefill call packs them), then padding:
+    each prompt's logits are its own forward pass alone; none sees its neighbours."""
+    cfg = CONFIGS[name]
+    params = random_params(cfg, seed=4)
+    rng = np.random.default_rng(5)
+    lengths = (7, 12, 1, 9)
+    prompts = [rng.integers(3, cfg.vocab_size, n) for n in lengths]
+    n = sum(lengths) + 3
+    tokens, pos, segment = np.zeros((1, n), np.int32), np.full((1, n), -1, np.int32), np.full((1, n), -1, np.int32)
+    start = 0
+    for i, p in enumerate(prompts):
+        tokens[0, start : start + len(p)], pos[0, start : start + len(p)] = p, np.arange(len(p))
+        segment[0, start : start + len(p)] = i
+        start += len(p)
+    kv = attention.PromptKV.empty(cfg, 1, n, jnp.asarray(segment))
+    got = np.asarray(_step(cfg, params, jnp.asarray(tokens), jnp.asarray(pos), kv)[0])
+    start = 0
+    for i, p in enumerate(prompts):
+        _assert_close(got[0, start : start + len(p)], reference.forward(cfg, params, p), f"{name} prompt {i}")
+        start += len(p)
+
+
 def test_padding_does_not_leak_into_real_tokens():
     cfg = CONFIGS["tiny-llama"]
     params = random_params(cfg, seed=3)

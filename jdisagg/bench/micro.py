@@ -7,15 +7,17 @@ Benchmarks (``--which``, a comma list; the ceilings always run: every ratio need
 
 * ``ceilings``: one device's matmul FLOP/s (an N^3 jitted product in the model's dtype)
   and copy bandwidth (an elementwise op over a large array, bytes read plus written).
-* ``prefill``: the jitted prefill step of the preset's first prefill instance for B x T
-  prompt batches. Useful FLOPs per call (P_layer = parameters of the stacked layers,
-  D model dim, V vocabulary, N heads, H head dim, L layers)::
+* ``prefill``: the jitted prefill step of the preset's first prefill instance for B
+  prompts of T tokens, packed into one row as the server packs them. Useful FLOPs per call
+  (P_layer = parameters of the stacked layers, D model dim, V vocabulary, N heads, H head
+  dim, L layers)::
 
       2 * P_layer * B * T  +  2 * B * D * V  +  2 * L * N * H * T^2 * B
 
   (weights once per token; the vocabulary projection for the last token of each prompt;
   attention QK^T and PV, 4 * L * T^2 * N * H per prompt, halved because it is causal; the
-  program computes every masked score too, so it does more than this useful work.)
+  program computes every masked score of the packed row too, and its padding to the token
+  bucket, so it does more than this useful work.)
   Ratio: achieved FLOP/s over (matmul FLOP/s x the instance's device count).
 * ``decode``: one jitted decode step of the preset's first decode instance (its pool, or
   ``--decode_pages``; sized from free memory as the engine does when the preset leaves it
@@ -364,11 +366,11 @@ def prefill_flops(b: Bench, batch: int, length: int) -> float:
 def prefill_shapes(b: Bench) -> list[tuple[int, int]]:
     if b.options.prefill_shapes:
         return list(b.options.prefill_shapes)
-    spec, longest = b.prefill_spec, b.length_buckets[-1]
+    runner, longest = b.prefill_runner, b.length_buckets[-1]
     return [
         (bs, t)
         for bs, t in PREFILL_SHAPES
-        if t <= longest and bs <= spec.max_batch and (bs == 1 or bs * t <= spec.token_budget)
+        if t <= longest and bs <= runner.max_prompts and (bs == 1 or bs * t <= runner.token_budget)
     ]
 
 
@@ -380,9 +382,15 @@ def bench_prefill(b: Bench) -> list[Row]:
     rng = np.random.default_rng(0)
     rows = []
     for batch, length in prefill_shapes(b):
-        tokens = rng.integers(0, b.cfg.vocab_size, (batch, length), dtype=np.int32)
-        lengths = np.full((batch,), length, np.int32)
-        args = replicated(runner.mesh, tokens, lengths, SamplingArrays.of([SamplingParams()] * batch, batch))
+        if batch > runner.max_prompts or (batch > 1 and batch * length > runner.token_budget):
+            _progress(
+                f"prefill B={batch} T={length}: skipped (a call takes at most {runner.max_prompts} prompts "
+                f"of {runner.token_budget} tokens together)"
+            )
+            continue
+        prompts = rng.integers(0, b.cfg.vocab_size, (batch, length)).tolist()
+        inputs = runner._inputs(prompts, [SamplingParams()] * batch)
+        args = replicated(runner.mesh, *inputs)
         _progress(f"prefill B={batch} T={length}")
         t = measure(lambda args=args: runner._step(runner.params, *args), b.options.repeats)
         flops = prefill_flops(b, batch, length)
@@ -398,6 +406,7 @@ def bench_prefill(b: Bench) -> list[Row]:
                 devices=n_dev,
                 flops=flops,
                 tokens=batch * length,
+                note=f"packed into a row of {inputs[0].shape[1]}",
             )
         )
     return rows
