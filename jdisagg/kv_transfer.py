@@ -7,7 +7,8 @@ it: every destination shard is cut into the boxes where it meets a source shard;
 is sliced on its source device, copied straight to its destination device (a plain
 single-device to single-device copy), and the boxes are concatenated there. The pieces
 are then assembled into one array on the destination mesh without any host trip. Cutting,
-copying and joining are each one dispatch per device, for k and v together.
+copying and joining are each one dispatch per device, for k and v together; a shard that
+moves whole is neither cut nor joined.
 """
 
 from __future__ import annotations
@@ -85,19 +86,27 @@ def reshard(arrays: tuple[jax.Array, ...], dst: NamedSharding) -> tuple[jax.Arra
         for k, source in enumerate(shards[0]):
             box = _box(source.index, x.shape)
             meets = [(d, m) for d, t in targets.items() if (m := _intersect(box, t)) is not None]
-            cuts = tuple(tuple((lo - b0, hi - b0) for (lo, hi), (b0, _) in zip(m, box, strict=True)) for _, m in meets)
-            cut = _cutter(cuts)(*(a[k].data for a in shards))
+            if [m for _, m in meets] == [box]:
+                # The whole shard goes to one device: no cut, so nothing waits behind whatever
+                # the source device is running (a prefill call, in a disaggregated server).
+                cut = [a[k].data for a in shards]
+            else:
+                cuts = tuple(
+                    tuple((lo - b0, hi - b0) for (lo, hi), (b0, _) in zip(m, box, strict=True)) for _, m in meets
+                )
+                cut = _cutter(cuts)(*(a[k].data for a in shards))
             for i in range(len(arrays)):
                 for j, (d, m) in enumerate(meets):
                     sends.append((i, d, m))
                     pieces.append(cut[i * len(meets) + j])
         moved = jax.device_put(pieces, [d for _, d, _ in sends])
         out = [[] for _ in arrays]
-        for device in targets:
+        for device, target in targets.items():
             mine = [(i, m, p) for (i, d, m), p in zip(sends, moved, strict=True) if d == device]
             boxes = tuple(m for i, m, _ in mine if i == 0)
             ordered = [p for i in range(len(arrays)) for j, m, p in mine if j == i]
-            for i, shard in enumerate(_joiner(boxes, len(arrays))(*ordered)):
+            joined = ordered if boxes == (target,) else _joiner(boxes, len(arrays))(*ordered)
+            for i, shard in enumerate(joined):
                 out[i].append(shard)
     return tuple(jax.make_array_from_single_device_arrays(x.shape, dst, o) for o in out)
 

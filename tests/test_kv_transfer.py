@@ -68,6 +68,25 @@ def test_reshard_device_to_device(src_spec, dst_spec):
         np.testing.assert_array_equal(np.asarray(shard.data), host[shard.index])
 
 
+def test_whole_shards_move_without_cut_or_join():
+    """Same split on both sides (one device -> another, tp=2 -> tp=2 on other devices): each
+    shard is copied as it is, with no slicing program on the source device (which a
+    disaggregated server keeps busy with prefill) and no joining program on the destination."""
+    d = jax.devices()
+    host = np.random.default_rng(1).standard_normal((4, 32, 4, 8)).astype(np.float32)
+    for src_devices, dst_devices, spec in (([0], [1], P()), ([0, 1], [2, 3], P(None, None, "x"))):
+        src = NamedSharding(jax.sharding.Mesh(np.array([d[i] for i in src_devices]), ("x",)), spec)
+        dst = NamedSharding(jax.sharding.Mesh(np.array([d[i] for i in dst_devices]), ("x",)), spec)
+        x = jax.device_put(host, src)
+        kv_transfer._cutter.cache_clear()
+        kv_transfer._joiner.cache_clear()
+        with no_host_copies():
+            (y,) = jax.block_until_ready(kv_transfer.reshard((x,), dst))
+        assert kv_transfer._cutter.cache_info().currsize == kv_transfer._joiner.cache_info().currsize == 0
+        assert y.sharding == dst
+        np.testing.assert_array_equal(np.asarray(y), host)
+
+
 def test_prefix_lands_in_decode_pages():
     """prefill tp=4 -> decode pp=2 x tp=2: the prefix written into pages equals prefill's KV."""
     cfg = shape("tiny-llama")
