@@ -27,7 +27,7 @@ from jdisagg.attention import NULL_PAGE, MixedKV, PagedKV, forward_layers
 from jdisagg.config import ModelConfig
 from jdisagg.pages import pages_for
 from jdisagg.platform import Program
-from jdisagg.prefill import bucket_for, powers_of_two
+from jdisagg.prefill import bucket_for
 from jdisagg.sampling import Sampled, SamplingArrays, SamplingParams, sample
 
 
@@ -157,6 +157,15 @@ def insert_prefix(k_pages, v_pages, k_ltkh, v_ltkh, page_ids):
     k_pages = k_pages.at[:, page_ids].set(k_ltkh.reshape(l, t // z, z, kh, h))
     v_pages = v_pages.at[:, page_ids].set(v_ltkh.reshape(l, t // z, z, kh, h))
     return k_pages, v_pages
+
+
+def powers_of_two(max_batch: int) -> tuple[int, ...]:
+    """1, 2, 4, ... below ``max_batch``, then ``max_batch``."""
+    out, n = [], 1
+    while n < max_batch:
+        out.append(n)
+        n *= 2
+    return (*out, max_batch)
 
 
 class DecodeRunner:

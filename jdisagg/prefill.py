@@ -98,15 +98,6 @@ def token_buckets(length_buckets: tuple[int, ...], token_budget: int) -> tuple[i
     return tuple(out)
 
 
-def powers_of_two(max_batch: int) -> tuple[int, ...]:
-    """1, 2, 4, ... below ``max_batch``, then ``max_batch``."""
-    out, n = [], 1
-    while n < max_batch:
-        out.append(n)
-        n *= 2
-    return (*out, max_batch)
-
-
 def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
     for b in buckets:
         if n <= b:
@@ -184,7 +175,7 @@ class PrefillRunner:
 
     def _inputs(self, prompts: list[list[int]], params: list[SamplingParams], tokens: int = 0):
         """The step's inputs: ``prompts`` packed into a row of a token bucket (at least
-        ``tokens``), their positions, segments, last tokens and sampling; and the starts."""
+        ``tokens``), their positions, segments, last tokens and sampling."""
         if len(prompts) > self.max_prompts:
             raise ValueError(f"{len(prompts)} prompts in one prefill call; at most {self.max_prompts}")
         n = bucket_for(max(sum(len(p) for p in prompts), tokens), self.token_buckets)

@@ -363,15 +363,15 @@ def prefill_flops(b: Bench, batch: int, length: int) -> float:
     return dense + attention
 
 
+def _fits_one_call(runner: PrefillRunner, batch: int, length: int) -> bool:
+    return batch <= runner.max_prompts and (batch == 1 or batch * length <= runner.token_budget)
+
+
 def prefill_shapes(b: Bench) -> list[tuple[int, int]]:
     if b.options.prefill_shapes:
         return list(b.options.prefill_shapes)
-    runner, longest = b.prefill_runner, b.length_buckets[-1]
-    return [
-        (bs, t)
-        for bs, t in PREFILL_SHAPES
-        if t <= longest and bs <= runner.max_prompts and (bs == 1 or bs * t <= runner.token_budget)
-    ]
+    longest = b.length_buckets[-1]
+    return [(bs, t) for bs, t in PREFILL_SHAPES if t <= longest and _fits_one_call(b.prefill_runner, bs, t)]
 
 
 def bench_prefill(b: Bench) -> list[Row]:
@@ -382,7 +382,7 @@ def bench_prefill(b: Bench) -> list[Row]:
     rng = np.random.default_rng(0)
     rows = []
     for batch, length in prefill_shapes(b):
-        if batch > runner.max_prompts or (batch > 1 and batch * length > runner.token_budget):
+        if not _fits_one_call(runner, batch, length):
             _progress(
                 f"prefill B={batch} T={length}: skipped (a call takes at most {runner.max_prompts} prompts "
                 f"of {runner.token_budget} tokens together)"
