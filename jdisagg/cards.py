@@ -18,8 +18,9 @@ import jax
 import numpy as np
 from absl import logging
 
-from jdisagg import config, model, toml_file
-from jdisagg.config import ModelConfig
+from jdisagg import toml_file
+from jdisagg.model import config, decoder
+from jdisagg.model.config import ModelConfig
 
 SOURCE_KINDS = ("pypi", "gguf", "hf", "orbax", "random")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -122,7 +123,7 @@ class LoadedModel:
     def place(self, shardings: dict) -> dict:
         """The weights on the devices of ``shardings`` (a NamedSharding per leaf)."""
         if self.card.kind == "random":
-            init = jax.jit(functools.partial(model.init_params, self.cfg), out_shardings=shardings)
+            init = jax.jit(functools.partial(decoder.init_params, self.cfg), out_shardings=shardings)
             return init(jax.random.key(self.card.seed))
         if self.card.kind == "orbax":
             from jdisagg.weights.checkpoint import restore_checkpoint

@@ -26,9 +26,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         print(f"jdisagg.demo: error: unexpected arguments {argv[1:]}", file=sys.stderr)
         sys.exit(2)
-    from jdisagg.client import Client
     from jdisagg.engine import Engine
-    from jdisagg.server import Server
+    from jdisagg.serving.client import Client
+    from jdisagg.serving.server import Server
 
     try:
         engine = Engine(_MODEL.value, _MESH.value, warm_up=False)

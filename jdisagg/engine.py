@@ -26,14 +26,17 @@ import jax
 from absl import logging
 from tqdm.auto import tqdm
 
-from jdisagg import cards, kv_transfer, model, sharding
-from jdisagg.decode import DecodeRunner
-from jdisagg.pages import pages_for
-from jdisagg.platform import compile_all
-from jdisagg.prefill import PrefillRunner, length_buckets
+from jdisagg import cards
+from jdisagg.model import axes, decoder, sharding
 from jdisagg.preset import MeshPreset, load_preset
-from jdisagg.sampling import Logprob, SamplingParams
-from jdisagg.scheduler import DecodeSlots, PrefillQueue, Request, State, stop_reason
+from jdisagg.runtime.buckets import length_buckets
+from jdisagg.runtime.compile import compile_all
+from jdisagg.runtime.decode import DecodeRunner
+from jdisagg.runtime.prefill import PrefillRunner
+from jdisagg.sched.pages import pages_for
+from jdisagg.sched.params import Logprob, SamplingParams
+from jdisagg.sched.scheduler import DecodeSlots, PrefillQueue, Request, State, stop_reason
+from jdisagg.transfer import reshard
 
 
 @dataclasses.dataclass
@@ -54,7 +57,7 @@ KV_MEMORY_FRACTION = 0.85
 
 def kv_bytes_per_token(cfg, spec) -> int:
     """Bytes of one token's KV (every layer, K and V) on each device of instance ``spec``."""
-    kv_shards = spec.tp if cfg.n_kv_heads % spec.tp == 0 and spec.rules.get(sharding.KV_HEADS) == "tp" else 1
+    kv_shards = spec.tp if cfg.n_kv_heads % spec.tp == 0 and spec.rules.get(axes.KV_HEADS) == "tp" else 1
     per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jax.numpy.dtype(cfg.dtype).itemsize
     return per_token // (spec.pp * kv_shards)
 
@@ -184,7 +187,7 @@ class Engine:
         self.max_seq_len = preset.max_seq_len
         self.eos_ids = tuple(self.tokenizer.eos_ids) if self.tokenizer else cfg.eos_ids
         self.length_buckets = preset.length_buckets or length_buckets(preset.max_seq_len, preset.page_size)
-        abstract = model.abstract_params(cfg)
+        abstract = decoder.abstract_params(cfg)
         self.prefill: list[PrefillRunner] = []
         self.decode: list[DecodeInstance] = []
         for spec in preset.instances:
@@ -248,7 +251,7 @@ class Engine:
                 prefix = runner.run([[0] * t], [SamplingParams()])[0]
                 for d in self.decode:
                     if d.takes_from(i):
-                        jax.block_until_ready(kv_transfer.transfer(prefix, d.runner.prefix_sharding))
+                        jax.block_until_ready(reshard.transfer(prefix, d.runner.prefix_sharding))
         return time.perf_counter() - start
 
     # ---- requests ------------------------------------------------------------------
@@ -390,7 +393,7 @@ class Engine:
                 pulled.append((r, r.prefix))
         for r, prefix in pulled:
             start = time.perf_counter()
-            k, v = kv_transfer.transfer(prefix, d.runner.prefix_sharding)
+            k, v = reshard.transfer(prefix, d.runner.prefix_sharding)
             d.runner.insert(k, v, r.pages[: pages_for(prefix.length, d.runner.page_size)])
             r.transfer_s += time.perf_counter() - start
             r.transfer_bytes += prefix.nbytes

@@ -41,7 +41,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; pass prompts with --prompt")
     from jdisagg.engine import Engine
-    from jdisagg.sampling import SamplingParams
+    from jdisagg.sched.params import SamplingParams
 
     prompts: list = []
     try:

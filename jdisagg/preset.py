@@ -6,7 +6,7 @@ disjoint devices) or one of the baselines that run both phases on one mesh per i
 ``[[colocated]]`` (continuous batching, prefill first) or ``[[chunked]]`` (prompts are
 prefilled in ``chunk_tokens`` pieces piggybacked on decode steps). Each instance may
 override the logical-to-mesh axis rules in a ``rules`` table; the default is
-``jdisagg.sharding.DEFAULT_RULES``.
+``jdisagg.model.axes.DEFAULT_RULES``. Reading a preset imports no jax.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 
-from jdisagg import attention, sharding, toml_file
-from jdisagg.config import ModelConfig
+from jdisagg import toml_file
+from jdisagg.model import axes
+from jdisagg.model.config import ModelConfig
 
 ROLES = ("prefill", "decode", "colocated", "chunked")
+DECODE_ATTENTION = ("dot", "pallas")  # how decode rows attend over their pages (decode_attention below)
 _TOP_KEYS = {
     "name",
     "description",
@@ -54,7 +56,7 @@ class InstanceSpec:
     devices: tuple[int, ...]
     pp: int = 1
     tp: int = 1
-    rules: Mapping[str, str | None] = dataclasses.field(default_factory=lambda: sharding.DEFAULT_RULES)
+    rules: Mapping[str, str | None] = dataclasses.field(default_factory=lambda: axes.DEFAULT_RULES)
     # prefill: prompts per call (also at most token_budget / the smallest length bucket);
     # decode: requests per step
     max_batch: int = 8
@@ -135,8 +137,8 @@ class MeshPreset:
                         f"{where}: {spec.where}.devices asks for device {d}, but this host has {n_devices} "
                         f"device(s) (0..{n_devices - 1}); the preset needs {self.device_count()}"
                     )
-            axes = {"pp": spec.pp, "tp": spec.tp}
-            sharding.check_divisible(cfg, axes, spec.rules, f"{where}: {spec.where}")
+            sizes = {"pp": spec.pp, "tp": spec.tp}
+            axes.check_divisible(cfg, sizes, spec.rules, f"{where}: {spec.where}")
             if spec.runs_decode and spec.pages and spec.pages - 1 < -(-self.max_seq_len // self.page_size):
                 raise ValueError(
                     f"{where}: {spec.where}.pages={spec.pages} cannot hold one request of max_seq_len="
@@ -186,13 +188,13 @@ def _instance(role: str, index: int, table: dict, where: str) -> InstanceSpec:
         )
     if role in ("prefill", "colocated", "chunked") and pp != 1:
         raise ValueError(f"{at}.pp={pp}: prefill runs tensor parallel only (pp must be 1)")
-    rules = dict(sharding.DEFAULT_RULES)
+    rules = dict(axes.DEFAULT_RULES)
     user_rules = table.get("rules", {})
     if not isinstance(user_rules, dict):
         raise ValueError(f"{at}.rules must be a table of logical axis = mesh axis")
     for logical, mesh_axis in user_rules.items():
-        if mesh_axis not in (*sharding.MESH_AXES, ""):
-            raise ValueError(f'{at}.rules.{logical} = {mesh_axis!r}: mesh axes are {sharding.MESH_AXES} or ""')
+        if mesh_axis not in (*axes.MESH_AXES, ""):
+            raise ValueError(f'{at}.rules.{logical} = {mesh_axis!r}: mesh axes are {axes.MESH_AXES} or ""')
         rules[logical] = mesh_axis or None
     runs_decode = role in ("decode", "colocated", "chunked")
     pages = 0
@@ -270,7 +272,7 @@ def parse(data: dict, where: str) -> MeshPreset:
         description=str(data.get("description", "")),
         source=where,
         unroll_layers=_bool(data, "unroll_layers", where),
-        decode_attention=_choice(data, "decode_attention", where, attention.DECODE_ATTENTION),
+        decode_attention=_choice(data, "decode_attention", where, DECODE_ATTENTION),
     )
 
 

@@ -33,7 +33,7 @@ def main(argv: list[str]) -> None:
         print(f"jdisagg.serve: error: unexpected arguments {argv[1:]}", file=sys.stderr)
         sys.exit(2)
     from jdisagg.engine import Engine
-    from jdisagg.server import Server
+    from jdisagg.serving.server import Server
 
     try:
         engine = Engine(_MODEL.value, _MESH.value, dtype=_DTYPE.value, warm_up=False)

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from jdisagg.engine import Engine
-from jdisagg.sampling import SamplingParams
+from jdisagg.sched.params import SamplingParams
 
 LAYOUTS = {
     "single": (1, "[[colocated]]\ndevices = [0]\npages = 256\nmax_batch = 8\n"),

@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from jdisagg.config import ModelConfig
+from jdisagg.model.config import ModelConfig
 
 OPT_POSITION_OFFSET = 2
 

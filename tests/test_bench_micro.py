@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from jdisagg import config
 from jdisagg.bench import micro
+from jdisagg.model import config
 
 TINY = dict(
     model="tiny-llama",

@@ -12,8 +12,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from jdisagg import model
-from jdisagg.config import shape
+from jdisagg.model import decoder
+from jdisagg.model.config import shape
 from jdisagg.weights.checkpoint import (
     CONFIG_FILE,
     load_checkpoint_tokenizer,
@@ -62,7 +62,7 @@ def mesh() -> Mesh:
 @pytest.fixture(scope="module")
 def params() -> dict:
     # From a single device to host numpy, as a converter would hand them over.
-    return jax.tree_util.tree_map(np.asarray, jax.jit(model.init_params, static_argnums=0)(CFG, jax.random.key(0)))
+    return jax.tree_util.tree_map(np.asarray, jax.jit(decoder.init_params, static_argnums=0)(CFG, jax.random.key(0)))
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def saved(tmp_path_factory, params):
     import tokenizers
     from tokenizers import models
 
-    from jdisagg.tokenizer import Tokenizer
+    from jdisagg.text.tokenizer import Tokenizer
 
     tok = Tokenizer(
         tokenizers.Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")])),

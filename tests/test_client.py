@@ -20,9 +20,9 @@ import pytest
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from jdisagg.client import AsyncClient, Client, make_request
 from jdisagg.proto import jdisagg_pb2 as pb
 from jdisagg.proto import jdisagg_pb2_grpc as pb_grpc
+from jdisagg.serving.client import AsyncClient, Client, make_request
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO = ROOT / "jdisagg" / "proto" / "jdisagg.proto"

@@ -4,9 +4,9 @@ import subprocess
 import sys
 
 from jdisagg import cards
+from jdisagg.convert import convert
 from jdisagg.engine import Engine
-from jdisagg.sampling import SamplingParams
-from jdisagg.weights.checkpoint import convert
+from jdisagg.sched.params import SamplingParams
 
 
 def test_checkpoint_round_trip_through_engine(tmp_path):

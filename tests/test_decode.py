@@ -5,11 +5,11 @@ import re
 import jax
 import numpy as np
 
-from jdisagg import sharding
-from jdisagg.config import ModelConfig
-from jdisagg.decode import DecodeRunner
-from jdisagg.model import init_params
-from jdisagg.sampling import SamplingArrays
+from jdisagg.model import axes, sharding
+from jdisagg.model.config import ModelConfig
+from jdisagg.model.decoder import init_params
+from jdisagg.model.sampler import SamplingArrays
+from jdisagg.runtime.decode import DecodeRunner
 
 # Weights much larger than activations, so a gathered weight cannot hide among activations.
 CFG = ModelConfig(
@@ -24,9 +24,9 @@ _COLLECTIVE = re.compile(
 def _decode_runner():
     mesh = sharding.make_mesh(jax.devices()[4:], 2, 2)
     host = init_params(CFG, jax.random.key(0))
-    params = jax.device_put(host, sharding.param_shardings(host, mesh, sharding.DEFAULT_RULES))
+    params = jax.device_put(host, sharding.param_shardings(host, mesh, axes.DEFAULT_RULES))
     return DecodeRunner(
-        CFG, params, mesh, sharding.DEFAULT_RULES, max_batch=4, n_pages=16, page_size=8, max_seq_len=64, micro_batches=2
+        CFG, params, mesh, axes.DEFAULT_RULES, max_batch=4, n_pages=16, page_size=8, max_seq_len=64, micro_batches=2
     )
 
 
@@ -81,12 +81,12 @@ def test_steps_update_the_page_pool_in_place():
     step wrote its packed row with one scatter)."""
     mesh = sharding.make_mesh(jax.devices()[:1], 1, 1)
     host = init_params(CFG, jax.random.key(0))
-    params = jax.device_put(host, sharding.param_shardings(host, mesh, sharding.DEFAULT_RULES))
+    params = jax.device_put(host, sharding.param_shardings(host, mesh, axes.DEFAULT_RULES))
     runner = DecodeRunner(
         CFG,
         params,
         mesh,
-        sharding.DEFAULT_RULES,
+        axes.DEFAULT_RULES,
         max_batch=4,
         n_pages=2000,
         page_size=8,

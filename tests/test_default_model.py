@@ -3,7 +3,7 @@
 import pytest
 
 from jdisagg.engine import Engine
-from jdisagg.sampling import SamplingParams
+from jdisagg.sched.params import SamplingParams
 
 PARIS = [{"role": "user", "content": "What is the capital of France?"}]
 

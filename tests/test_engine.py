@@ -6,12 +6,13 @@ import jax
 import numpy as np
 import pytest
 
-from jdisagg import sharding
-from jdisagg.config import shape
 from jdisagg.engine import Engine
-from jdisagg.model import init_params
-from jdisagg.prefill import PrefillRunner, bucket_for
-from jdisagg.sampling import SamplingParams
+from jdisagg.model import axes, sharding
+from jdisagg.model.config import shape
+from jdisagg.model.decoder import init_params
+from jdisagg.runtime.buckets import bucket_for
+from jdisagg.runtime.prefill import PrefillRunner
+from jdisagg.sched.params import SamplingParams
 
 MESHES = ["cpu-single", "cpu-colocated-tp4", "cpu-tp2-pp2", "cpu-tp4-pp2tp2"]
 
@@ -128,7 +129,7 @@ def test_logprobs_match_a_full_forward_pass():
     log_softmax of a plain forward pass over prompt + output, on a disaggregated mesh."""
     import jax.numpy as jnp
 
-    from jdisagg import attention, model
+    from jdisagg.model import attention, decoder
 
     engine = Engine("tiny-llama", "cpu-tp2-pp2", warm_up=False, progress=False)
     prompt = _prompts(seed=5, lengths=(11,))[0]
@@ -138,11 +139,11 @@ def test_logprobs_match_a_full_forward_pass():
     host = jax.device_get(engine.prefill[0].params)
     seq = np.array([prompt + out.tokens[:-1]], np.int32)
     pos = np.arange(seq.shape[1], dtype=np.int32)[None]
-    x = model.embed(cfg, host, seq, pos)
-    x, _ = attention.forward_layers(
+    x = decoder.embed(cfg, host, seq, pos)
+    x, _ = decoder.forward_layers(
         cfg, host["layers"], x, pos, attention.PromptKV.empty(cfg, 1, seq.shape[1]), unroll=False
     )
-    logprobs = np.asarray(jax.nn.log_softmax(model.logits(cfg, host, x[0]), axis=-1))
+    logprobs = np.asarray(jax.nn.log_softmax(decoder.logits(cfg, host, x[0]), axis=-1))
     for i, (token, lp) in enumerate(zip(out.tokens, out.logprobs, strict=True)):
         row = logprobs[len(prompt) - 1 + i]
         np.testing.assert_allclose(lp.logprob, row[token], atol=1e-4)
@@ -220,7 +221,7 @@ def test_packed_prefill_equals_prompts_alone():
     params = init_params(cfg, jax.random.key(3))
     mesh = sharding.make_mesh(jax.devices()[:1], 1, 1)
     runner = PrefillRunner(
-        cfg, params, mesh, sharding.DEFAULT_RULES, length_buckets=(16, 32, 64), max_batch=8, token_budget=192
+        cfg, params, mesh, axes.DEFAULT_RULES, length_buckets=(16, 32, 64), max_batch=8, token_budget=192
     )
     assert runner.token_buckets == (16, 32, 64, 96, 128, 192)
     prompts = _prompts(seed=21, lengths=(30, 5, 64, 17, 1))
@@ -338,7 +339,7 @@ def test_colocated_auto_pages_keep_memory_for_prefill(tmp_path, monkeypatch):
 def test_colocated_replicas_decode_what_they_prefilled(tmp_path, monkeypatch):
     """Two colocated replicas share the prompt queue, but a prefix never moves to the other
     replica's device: each decodes what it prefilled. Tokens equal one device's."""
-    from jdisagg import kv_transfer
+    from jdisagg.transfer import reshard
 
     (tmp_path / "replicas.toml").write_text(
         'name = "replicas"\npage_size = 16\nmax_seq_len = 256\n'
@@ -347,9 +348,9 @@ def test_colocated_replicas_decode_what_they_prefilled(tmp_path, monkeypatch):
     prompts = _prompts(seed=15, lengths=(5, 40, 9, 30, 17, 3, 60, 12, 25, 8))
     params = SamplingParams(max_tokens=5, ignore_eos=True)
     reference = Engine("tiny-llama", "cpu-single", warm_up=False, progress=False).generate(prompts, params)
-    moves, transfer = [], kv_transfer.transfer
+    moves, transfer = [], reshard.transfer
     monkeypatch.setattr(
-        kv_transfer,
+        reshard,
         "transfer",
         lambda prefix, dst: moves.append((prefix.k.devices(), dst.device_set)) or transfer(prefix, dst),
     )

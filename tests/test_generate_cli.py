@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from jdisagg.engine import Engine
-from jdisagg.sampling import SamplingParams
+from jdisagg.sched.params import SamplingParams
 
 
 def _run(*args):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import weights_util
 
-from jdisagg import attention, model
-from jdisagg.config import shape
+from jdisagg.model import attention, decoder
+from jdisagg.model.config import shape
 from jdisagg.weights import default
 from jdisagg.weights.gguf import _rope_scaling, read_gguf, unpermute_rows
 
@@ -18,9 +18,9 @@ from jdisagg.weights.gguf import _rope_scaling, read_gguf, unpermute_rows
 def _last_logits(cfg, params, tokens_bt):
     b, t = tokens_bt.shape
     pos_bt = jnp.broadcast_to(jnp.arange(t), (b, t))
-    x = model.embed(cfg, params, tokens_bt, pos_bt)
-    x, _ = attention.forward_layers(cfg, params["layers"], x, pos_bt, attention.PromptKV.empty(cfg, b, t), unroll=False)
-    return np.asarray(model.logits(cfg, params, x[:, -1]))
+    x = decoder.embed(cfg, params, tokens_bt, pos_bt)
+    x, _ = decoder.forward_layers(cfg, params["layers"], x, pos_bt, attention.PromptKV.empty(cfg, b, t), unroll=False)
+    return np.asarray(decoder.logits(cfg, params, x[:, -1]))
 
 
 def test_unpermute_inverts_the_converter_layout():
@@ -36,7 +36,7 @@ def test_unpermute_inverts_the_converter_layout():
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 def test_f32_round_trip(tmp_path, name):
     cfg = shape(name)
-    params = model.init_params(cfg, jax.random.key(1))
+    params = decoder.init_params(cfg, jax.random.key(1))
     path = tmp_path / "tiny.gguf"
     weights_util.write_gguf(path, cfg, params)
     cfg2, params2, tok = read_gguf(path)
@@ -50,7 +50,7 @@ def test_f32_round_trip(tmp_path, name):
 
 def test_q8_0_round_trip(tmp_path):
     cfg = shape("tiny-llama")
-    params = model.init_params(cfg, jax.random.key(2))
+    params = decoder.init_params(cfg, jax.random.key(2))
     path = tmp_path / "tiny-q8.gguf"
     weights_util.write_gguf(path, cfg, params, quant=gguf.GGMLQuantizationType.Q8_0)
     assert {t.tensor_type.name for t in gguf.GGUFReader(path).tensors} == {"F32", "Q8_0"}
@@ -76,7 +76,7 @@ def test_not_a_gguf_file(tmp_path):
 def test_truncated_gguf(tmp_path):
     cfg = shape("tiny-llama")
     full = tmp_path / "full.gguf"
-    weights_util.write_gguf(full, cfg, model.init_params(cfg, jax.random.key(0)))
+    weights_util.write_gguf(full, cfg, decoder.init_params(cfg, jax.random.key(0)))
     data = full.read_bytes()
     for cut in (100, len(data) // 2, len(data) - 10):  # inside the header, inside the tensor data
         path = tmp_path / f"cut{cut}.gguf"
@@ -159,11 +159,11 @@ def test_default_model_answers(tmp_path):
     @jax.jit
     def next_token(params, tokens_bt, n):
         pos_bt = jnp.arange(length)[None]
-        x = model.embed(cfg, params, tokens_bt, pos_bt)
-        x, _ = attention.forward_layers(
+        x = decoder.embed(cfg, params, tokens_bt, pos_bt)
+        x, _ = decoder.forward_layers(
             cfg, params["layers"], x, pos_bt, attention.PromptKV.empty(cfg, 1, length), unroll=False
         )
-        return jnp.argmax(model.logits(cfg, params, x[:, n - 1]), axis=-1)[0]
+        return jnp.argmax(decoder.logits(cfg, params, x[:, n - 1]), axis=-1)[0]
 
     out = []
     while len(out) < 8:
@@ -178,7 +178,7 @@ def test_llama3_rope_freqs_are_recognized():
     """Llama 3.x GGUFs carry their RoPE scaling as a rope_freqs tensor of per-frequency divisors."""
     cfg = shape("llama3-8b")
     plain = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2) / cfg.head_dim)
-    rope_freqs = (plain / model.rope_inv_freq(cfg)).astype(np.float32)
+    rope_freqs = (plain / decoder.rope_inv_freq(cfg)).astype(np.float32)
     meta = {"llama.rope.scaling.original_context_length": 8192}
     assert _rope_scaling(meta, "llama", cfg.rope_theta, cfg.head_dim, rope_freqs) == cfg.rope_scaling
     with pytest.raises(ValueError, match="rope_freqs"):

@@ -10,8 +10,8 @@ import pytest
 import safetensors.numpy
 import weights_util
 
-from jdisagg import attention, model
-from jdisagg.config import shape
+from jdisagg.model import attention, decoder
+from jdisagg.model.config import shape
 from jdisagg.weights.hf import config_from_hf, read_hf, write_hf
 
 SHAPES = ["tiny-llama", "tiny-qwen2", "tiny-opt"]
@@ -20,7 +20,7 @@ SHAPES = ["tiny-llama", "tiny-qwen2", "tiny-opt"]
 @pytest.mark.parametrize("name", SHAPES)
 def test_round_trip(tmp_path, name):
     cfg = shape(name)
-    params = model.init_params(cfg, jax.random.key(3))
+    params = decoder.init_params(cfg, jax.random.key(3))
     write_hf(tmp_path, cfg, params, weights_util.tiny_tokenizer())
     cfg2, params2, tok = read_hf(tmp_path)
     assert cfg2 == cfg
@@ -33,7 +33,7 @@ def test_round_trip(tmp_path, name):
 def test_sharded_checkpoint_without_model_prefix(tmp_path):
     """facebook/opt-* checkpoints name tensors without "model."; big ones are split in shards."""
     cfg = shape("tiny-opt")
-    params = model.init_params(cfg, jax.random.key(4))
+    params = decoder.init_params(cfg, jax.random.key(4))
     write_hf(tmp_path, cfg, params, weights_util.tiny_tokenizer())
     tensors = safetensors.numpy.load_file(tmp_path / "model.safetensors")
     (tmp_path / "model.safetensors").unlink()
@@ -56,7 +56,7 @@ def test_missing_pieces(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         read_hf(tmp_path)
     cfg = shape("tiny-llama")
-    write_hf(tmp_path, cfg, model.init_params(cfg, jax.random.key(0)), weights_util.tiny_tokenizer())
+    write_hf(tmp_path, cfg, decoder.init_params(cfg, jax.random.key(0)), weights_util.tiny_tokenizer())
     tensors = safetensors.numpy.load_file(tmp_path / "model.safetensors")
     del tensors["lm_head.weight"]
     safetensors.numpy.save_file(tensors, tmp_path / "model.safetensors")
@@ -104,15 +104,15 @@ def test_logits_match_transformers(tmp_path, name):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     cfg = shape(name)
-    params = model.init_params(cfg, jax.random.key(5))
+    params = decoder.init_params(cfg, jax.random.key(5))
     write_hf(tmp_path, cfg, params, weights_util.tiny_tokenizer())
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
     tokens = np.array([[1, 40, 90, 120, 7, 200, 33, 5]])
     with torch.no_grad():
         expected = hf_model(torch.from_numpy(tokens)).logits[:, -1].numpy()
     pos = jnp.arange(tokens.shape[1])[None]
-    x = model.embed(cfg, params, tokens, pos)
-    x, _ = attention.forward_layers(
+    x = decoder.embed(cfg, params, tokens, pos)
+    x, _ = decoder.forward_layers(
         cfg, params["layers"], x, pos, attention.PromptKV.empty(cfg, 1, tokens.shape[1]), unroll=False
     )
-    np.testing.assert_allclose(np.asarray(model.logits(cfg, params, x[:, -1])), expected, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(decoder.logits(cfg, params, x[:, -1])), expected, atol=1e-4)

@@ -9,12 +9,13 @@ from jax._src import array as jax_array
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jdisagg import kv_transfer, sharding
-from jdisagg.config import shape
-from jdisagg.decode import DecodeRunner
-from jdisagg.model import init_params
-from jdisagg.prefill import PrefillRunner
-from jdisagg.sampling import SamplingParams
+from jdisagg.model import axes, sharding
+from jdisagg.model.config import shape
+from jdisagg.model.decoder import init_params
+from jdisagg.runtime.decode import DecodeRunner
+from jdisagg.runtime.prefill import PrefillRunner
+from jdisagg.sched.params import SamplingParams
+from jdisagg.transfer import reshard
 
 
 @contextlib.contextmanager
@@ -61,7 +62,7 @@ def test_reshard_device_to_device(src_spec, dst_spec):
     x = jax.device_put(host, NamedSharding(prefill_mesh, src_spec))
     dst = NamedSharding(decode_mesh, dst_spec)
     with no_host_copies():
-        (y,) = jax.block_until_ready(kv_transfer.reshard((x,), dst))
+        (y,) = jax.block_until_ready(reshard.reshard((x,), dst))
     assert y.sharding == dst
     np.testing.assert_array_equal(np.asarray(y), host)
     for shard in y.addressable_shards:
@@ -78,11 +79,11 @@ def test_whole_shards_move_without_cut_or_join():
         src = NamedSharding(jax.sharding.Mesh(np.array([d[i] for i in src_devices]), ("x",)), spec)
         dst = NamedSharding(jax.sharding.Mesh(np.array([d[i] for i in dst_devices]), ("x",)), spec)
         x = jax.device_put(host, src)
-        kv_transfer._cutter.cache_clear()
-        kv_transfer._joiner.cache_clear()
+        reshard._cutter.cache_clear()
+        reshard._joiner.cache_clear()
         with no_host_copies():
-            (y,) = jax.block_until_ready(kv_transfer.reshard((x,), dst))
-        assert kv_transfer._cutter.cache_info().currsize == kv_transfer._joiner.cache_info().currsize == 0
+            (y,) = jax.block_until_ready(reshard.reshard((x,), dst))
+        assert reshard._cutter.cache_info().currsize == reshard._joiner.cache_info().currsize == 0
         assert y.sharding == dst
         np.testing.assert_array_equal(np.asarray(y), host)
 
@@ -91,7 +92,7 @@ def test_prefix_lands_in_decode_pages():
     """prefill tp=4 -> decode pp=2 x tp=2: the prefix written into pages equals prefill's KV."""
     cfg = shape("tiny-llama")
     prefill_mesh, decode_mesh = _meshes()
-    rules = sharding.DEFAULT_RULES
+    rules = axes.DEFAULT_RULES
     host = init_params(cfg, jax.random.key(0))
 
     def place(mesh):
@@ -115,7 +116,7 @@ def test_prefix_lands_in_decode_pages():
     prefix = prefixes[0]
     pages = [7, 3]  # 11 tokens -> 2 pages of 8, deliberately out of order
     with no_host_copies():
-        k, v = kv_transfer.transfer(prefix, decode.prefix_sharding)
+        k, v = reshard.transfer(prefix, decode.prefix_sharding)
         decode.insert(k, v, pages)
         jax.block_until_ready(decode.k_pages)
     assert k.sharding == decode.prefix_sharding

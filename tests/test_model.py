@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jdisagg import attention, model
-from jdisagg.config import ModelConfig, shape
+from jdisagg.model import attention, decoder
+from jdisagg.model.config import ModelConfig, shape
 
 try:  # pytest's default import mode puts tests/ itself on sys.path
     import reference
@@ -55,7 +55,7 @@ def random_params(cfg: ModelConfig, seed: int) -> dict:
     std 0.02 give near-uniform attention, where position and masking mistakes barely show; the q
     and k kernels are scaled up so that scores spread over a few units.
     """
-    params = model.init_params(cfg, jax.random.key(seed))
+    params = decoder.init_params(cfg, jax.random.key(seed))
     params = jax.tree_util.tree_map(np.asarray, params)
     rng = np.random.default_rng(seed)
 
@@ -76,9 +76,9 @@ def random_params(cfg: ModelConfig, seed: int) -> dict:
 def _step(cfg: ModelConfig, params: dict, tokens_bt: jax.Array, pos_bt: jax.Array, kv, unroll: bool = False):
     """Embed, every layer against cache ``kv``, logits: ([B, T, V] logits, updated cache)."""
     b, t = tokens_bt.shape
-    x = model.embed(cfg, params, tokens_bt, pos_bt)
-    x, kv = attention.forward_layers(cfg, params["layers"], x, pos_bt, kv, unroll=unroll)
-    return model.logits(cfg, params, x.reshape(b * t, cfg.dim)).reshape(b, t, cfg.vocab_size), kv
+    x = decoder.embed(cfg, params, tokens_bt, pos_bt)
+    x, kv = decoder.forward_layers(cfg, params["layers"], x, pos_bt, kv, unroll=unroll)
+    return decoder.logits(cfg, params, x.reshape(b * t, cfg.dim)).reshape(b, t, cfg.vocab_size), kv
 
 
 def _run_prompt(cfg: ModelConfig, params: dict, tokens_bt: np.ndarray, pos_bt: np.ndarray) -> np.ndarray:
@@ -156,7 +156,7 @@ def test_rope_scaling_changes_frequencies(name):
     cfg = CONFIGS[name]
     plain = reference.rope_frequencies(cfg.replace(rope_scaling=None))
     scaled = reference.rope_frequencies(cfg)
-    np.testing.assert_allclose(model.rope_inv_freq(cfg), scaled, rtol=1e-6)
+    np.testing.assert_allclose(decoder.rope_inv_freq(cfg), scaled, rtol=1e-6)
     assert not np.allclose(plain, scaled)
     if name == "llama3-scaled":
         # One pair in each band: kept, blended (strictly between), divided by the factor.

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from jdisagg import preset
-from jdisagg.config import shape
+from jdisagg.model.config import shape
 
 MESHES = Path(__file__).resolve().parent.parent / "meshes"
 GOOD = """

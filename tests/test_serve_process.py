@@ -24,9 +24,9 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from jdisagg.client import AsyncClient, Client
 from jdisagg.engine import Engine
-from jdisagg.sampling import SamplingParams
+from jdisagg.sched.params import SamplingParams
+from jdisagg.serving.client import AsyncClient, Client
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(r"^jdisagg\.serve: ready on (\S+):(\d+)$")

@@ -11,8 +11,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jdisagg.engine import Engine
 from jdisagg.proto import jdisagg_pb2 as pb
 from jdisagg.proto import jdisagg_pb2_grpc as pb_grpc
-from jdisagg.sampling import SamplingParams
-from jdisagg.server import Server
+from jdisagg.sched.params import SamplingParams
+from jdisagg.serving.server import Server
 
 
 @pytest.fixture(scope="module")

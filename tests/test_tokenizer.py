@@ -6,7 +6,7 @@ import pytest
 import tokenizers
 import weights_util
 
-from jdisagg.tokenizer import IncrementalDetokenizer, Tokenizer
+from jdisagg.text.tokenizer import IncrementalDetokenizer, Tokenizer
 
 SMOLLM_CHAT = (
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"

@@ -15,9 +15,9 @@ import jax
 import numpy as np
 import pytest
 
-from jdisagg import model
-from jdisagg.config import ModelConfig
-from jdisagg.tokenizer import Tokenizer
+from jdisagg.model import decoder
+from jdisagg.model.config import ModelConfig
+from jdisagg.text.tokenizer import Tokenizer
 from jdisagg.weights import default, hf
 
 CHATML = (
@@ -82,7 +82,7 @@ def host_params(params: dict) -> dict:
 
 def assert_matches_abstract(cfg: ModelConfig, params: dict) -> None:
     """``params`` has exactly the keys and shapes of ``model.abstract_params(cfg)``, as float32 numpy."""
-    expected = model.abstract_params(cfg)
+    expected = decoder.abstract_params(cfg)
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(expected)
     leaves = jax.tree_util.tree_leaves(params)
     for (path, e), a in zip(jax.tree_util.tree_leaves_with_path(expected), leaves, strict=True):

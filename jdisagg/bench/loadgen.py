@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 from jdisagg.bench import stats, workloads
 from jdisagg.bench.stats import RequestResult, Slo
 from jdisagg.bench.workloads import BenchRequest
-from jdisagg.client import AsyncClient
 from jdisagg.proto import jdisagg_pb2 as pb
+from jdisagg.serving.client import AsyncClient
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +271,7 @@ def local_server(model: str, mesh: str, *, warm_up: bool = True, progress: bool 
     """A ``jdisagg.server.Server`` for ``model`` on ``mesh`` in this process, on a free port;
     yields its target ("127.0.0.1:PORT") once every program is compiled, and stops it after."""
     from jdisagg.engine import Engine
-    from jdisagg.server import Server
+    from jdisagg.serving.server import Server
 
     engine = Engine(model, mesh, warm_up=warm_up, progress=progress)
     server = Server(engine, port=0)

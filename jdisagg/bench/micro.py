@@ -31,7 +31,7 @@ Benchmarks (``--which``, a comma list; the ceilings always run: every ratio need
   says how the step reads the pages: with ``decode_attention = "dot"`` it gathers the
   runner's width bucket of pages per request; with ``"pallas"`` the kernel reads each
   request's own pages in place.
-* ``transfer``: ``kv_transfer.transfer`` of a real prefix (made by the prefill runner)
+* ``transfer``: ``reshard.transfer`` of a real prefix (made by the prefill runner)
   into the decode instance's prefix layout, and a plain ``jax.device_put`` of the same
   prefix between the two meshes, each over a ``device_put`` of the same bytes from one
   device to one device (first prefill device -> first decode device). The note says
@@ -64,14 +64,17 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from jdisagg import cards, kv_transfer, model, platform, sharding
-from jdisagg.attention import DECODE_ATTENTION
-from jdisagg.decode import DecodeRunner
+from jdisagg import cards, platform
 from jdisagg.engine import auto_pages, decode_runner, prefill_runner
-from jdisagg.pages import pages_for
-from jdisagg.prefill import PrefillRunner, length_buckets
-from jdisagg.preset import InstanceSpec, MeshPreset, load_preset
-from jdisagg.sampling import SamplingArrays, SamplingParams
+from jdisagg.model import axes, decoder, sharding
+from jdisagg.model.sampler import SamplingArrays
+from jdisagg.preset import DECODE_ATTENTION, InstanceSpec, MeshPreset, load_preset
+from jdisagg.runtime.buckets import length_buckets
+from jdisagg.runtime.decode import DecodeRunner
+from jdisagg.runtime.prefill import PrefillRunner
+from jdisagg.sched.pages import pages_for
+from jdisagg.sched.params import SamplingParams
+from jdisagg.transfer import reshard
 
 BENCHMARKS = ("ceilings", "prefill", "decode", "transfer", "pp")
 # Prefill batches (B, T) holding 128..8192 prompt tokens; kept when they fit the instance's budget.
@@ -290,7 +293,7 @@ class Bench:
         self.cfg = self.model.cfg
         self.devices = jax.devices()
         self.preset.validate(self.cfg, len(self.devices), self.devices[0].platform)
-        self.abstract = model.abstract_params(self.cfg)
+        self.abstract = decoder.abstract_params(self.cfg)
         self.itemsize = jnp.dtype(self.cfg.dtype).itemsize
         self.layer_params = sum(x.size for x in jax.tree_util.tree_leaves(self.abstract["layers"]))
         self.weight_bytes = weight_bytes_read(self.cfg, self.abstract)
@@ -311,7 +314,7 @@ class Bench:
         if self._weights is None:
             self._weights = self.model.place(shardings)
             return mesh, self._weights
-        return mesh, jax.tree_util.tree_map(lambda w, s: kv_transfer.reshard((w,), s)[0], self._weights, shardings)
+        return mesh, jax.tree_util.tree_map(lambda w, s: reshard.reshard((w,), s)[0], self._weights, shardings)
 
     @property
     def prefill_runner(self) -> PrefillRunner:
@@ -509,7 +512,7 @@ def bench_transfer(b: Bench) -> list[Row]:
     spec = b.decode_spec
     # Where DecodeRunner asks for a prefix (its prefix_sharding), without allocating its page pool.
     mesh = sharding.make_mesh([b.devices[i] for i in spec.devices], spec.pp, spec.tp)
-    prefill, dst = b.prefill_runner, sharding.named_sharding(mesh, sharding.PREFIX_AXES, spec.rules)
+    prefill, dst = b.prefill_runner, sharding.named_sharding(mesh, axes.PREFIX_AXES, spec.rules)
     src_device, dst_device = b.devices[b.prefill_spec.devices[0]], b.devices[b.decode_spec.devices[0]]
     rng = np.random.default_rng(1)
     rows = []
@@ -523,11 +526,11 @@ def bench_transfer(b: Bench) -> list[Row]:
         single = jax.device_put((prefix.k, prefix.v), src_device)
         _progress(f"transfer T={length} ({nbytes / 2**20:.1f} MiB, bucket {shape[1]})")
         t_single = measure(lambda single=single: jax.device_put(single, dst_device), b.options.repeats)
-        t_transfer = measure(lambda p=prefix: kv_transfer.transfer(p, dst), b.options.repeats)
+        t_transfer = measure(lambda p=prefix: reshard.transfer(p, dst), b.options.repeats)
         t_naive = measure(lambda p=prefix: jax.device_put((p.k, p.v), dst), b.options.repeats)
         limit = nbytes / t_single.seconds / 1e9
         note = split_note(prefix.k.sharding, dst, shape)
-        for name, t in (("kv_transfer.transfer", t_transfer), ("device_put mesh->mesh", t_naive)):
+        for name, t in (("reshard.transfer", t_transfer), ("device_put mesh->mesh", t_naive)):
             rows.append(
                 Row(
                     "transfer",

@@ -25,10 +25,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy
 import orbax.checkpoint as ocp
 
-from jdisagg.config import ModelConfig
+from jdisagg.model.config import ModelConfig
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -105,7 +104,7 @@ def load_checkpoint_tokenizer(path: str | os.PathLike):
     directory = _checkpoint_dir(path) / TOKENIZER_DIR
     if not directory.is_dir():
         return None
-    from jdisagg.tokenizer import Tokenizer  # only checkpoints with a tokenizer need it
+    from jdisagg.text.tokenizer import Tokenizer  # only checkpoints with a tokenizer need it
 
     return Tokenizer.load(directory)
 
@@ -200,16 +199,3 @@ def _quiet_orbax():
         yield
     finally:
         absl_logger.removeFilter(log_filter)
-
-
-def convert(model_name: str, out: str, dtype: str = "float32") -> None:
-    """Writes ``model_name``'s config, weights and tokenizer as a checkpoint under ``out``."""
-    from jdisagg import cards, model  # cards opens checkpoints through this module
-
-    loaded = cards.open_model(cards.load_card(model_name), dtype)
-    cpu = jax.devices("cpu")[0]
-    shardings = jax.tree_util.tree_map(
-        lambda _: jax.sharding.SingleDeviceSharding(cpu), model.abstract_params(loaded.cfg)
-    )
-    params = loaded.place(shardings)
-    save_checkpoint(out, loaded.cfg, jax.tree_util.tree_map(numpy.asarray, params), loaded.tokenizer)

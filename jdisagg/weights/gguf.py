@@ -19,9 +19,9 @@ import gguf
 import numpy as np
 from absl import logging
 
-from jdisagg import model
-from jdisagg.config import ModelConfig
-from jdisagg.tokenizer import Tokenizer
+from jdisagg.model import decoder
+from jdisagg.model.config import ModelConfig
+from jdisagg.text.tokenizer import Tokenizer
 from jdisagg.weights.hf import params_from_tensors
 
 ARCHITECTURES = ("llama", "qwen2")
@@ -107,7 +107,7 @@ def _rope_scaling(meta: dict[str, Any], arch: str, theta: float, head_dim: int, 
         rope_theta=theta, rope_scaling=tuple(sorted(scaling.items())),
     )  # fmt: skip
     plain = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    if np.allclose(plain / rope_freqs, model.rope_inv_freq(probe), rtol=1e-4):
+    if np.allclose(plain / rope_freqs, decoder.rope_inv_freq(probe), rtol=1e-4):
         return probe.rope_scaling
     raise ValueError("unsupported rope_freqs tensor: not the standard llama3 RoPE scaling")
 

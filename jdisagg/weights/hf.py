@@ -28,9 +28,9 @@ import safetensors.numpy
 from absl import logging
 from tqdm.auto import tqdm
 
-from jdisagg import model
-from jdisagg.config import ModelConfig
-from jdisagg.tokenizer import Tokenizer
+from jdisagg.model import decoder
+from jdisagg.model.config import ModelConfig
+from jdisagg.text.tokenizer import Tokenizer
 
 LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Tensors some checkpoints carry that the model recomputes or never needs.
@@ -122,7 +122,7 @@ _TABLES = {"llama": _llama_table(), "opt": _opt_table()}
 def _leaves(cfg: ModelConfig) -> tuple[tuple[tuple[str, ...], tuple[int, ...], str, _Layout], ...]:
     """(path, shape, Hugging Face name template, layout) for every leaf of the param tree."""
     table = _TABLES[cfg.arch]
-    flat, _ = jax.tree_util.tree_flatten_with_path(model.abstract_params(cfg))
+    flat, _ = jax.tree_util.tree_flatten_with_path(decoder.abstract_params(cfg))
     leaves = []
     for key_path, leaf in flat:
         path = tuple(k.key for k in key_path)

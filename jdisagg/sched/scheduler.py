@@ -20,8 +20,8 @@ import itertools
 import queue
 import time
 
-from jdisagg.pages import PageAllocator, pages_for
-from jdisagg.sampling import SamplingParams
+from jdisagg.sched.pages import PageAllocator, pages_for
+from jdisagg.sched.params import SamplingParams
 
 
 class State(enum.Enum):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import time
 
 import jax
@@ -21,11 +20,14 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from jdisagg import model, sharding
-from jdisagg.attention import PromptKV, forward_layers
-from jdisagg.config import ModelConfig
-from jdisagg.platform import Program
-from jdisagg.sampling import Logprob, SamplingArrays, SamplingParams, sample
+from jdisagg.model import axes, decoder, sharding
+from jdisagg.model.attention import PromptKV
+from jdisagg.model.config import ModelConfig
+from jdisagg.model.decoder import forward_layers
+from jdisagg.model.sampler import SamplingArrays, sample
+from jdisagg.runtime.buckets import bucket_for, token_buckets
+from jdisagg.runtime.compile import Program
+from jdisagg.sched.params import Logprob, SamplingParams
 
 
 def prefill_step(
@@ -44,10 +46,10 @@ def prefill_step(
     (S rows, padding rows index 0). Returns the first sampled token of each prompt
     (``Sampled``, [S]) and the row's KV [L, 1, N, K, H] x 2."""
     n = tokens_1n.shape[1]
-    x_1nd = model.embed(cfg, params, tokens_1n, pos_1n)
+    x_1nd = decoder.embed(cfg, params, tokens_1n, pos_1n)
     empty = PromptKV.empty(cfg, 1, n, segment_1n)
     x_1nd, kv = forward_layers(cfg, params["layers"], x_1nd, pos_1n, empty, unroll=unroll)
-    first = sample(model.logits(cfg, params, x_1nd[0, last_s]), s, pos_1n[0, last_s] + 1)
+    first = sample(decoder.logits(cfg, params, x_1nd[0, last_s]), s, pos_1n[0, last_s] + 1)
     return first, kv.k, kv.v
 
 
@@ -78,33 +80,6 @@ class Prefix:
         return self.k.nbytes + self.v.nbytes
 
 
-def length_buckets(max_len: int, page_size: int, smallest: int = 16) -> tuple[int, ...]:
-    """Powers of two (multiples of the page size) up to ``max_len``, which is always last."""
-    out, n = [], max(smallest, page_size)
-    while n < max_len:
-        out.append(-(-n // page_size) * page_size)
-        n *= 2
-    out.append(-(-max_len // page_size) * page_size)
-    return tuple(sorted(set(out)))
-
-
-def token_buckets(length_buckets: tuple[int, ...], token_budget: int) -> tuple[int, ...]:
-    """Compiled packed-row lengths: the length buckets (one prompt may be that long), then
-    1.5x and 2x steps past the largest until the token budget fits."""
-    out = list(length_buckets)
-    steps = (length_buckets[-1] * 2**k * f // 2 for k in itertools.count() for f in (3, 4))
-    while out[-1] < token_budget:
-        out.append(next(steps))
-    return tuple(out)
-
-
-def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
-    for b in buckets:
-        if n <= b:
-            return b
-    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
-
-
 class PrefillRunner:
     """Runs prefill calls on one mesh; owns its params and compiled programs.
 
@@ -133,8 +108,8 @@ class PrefillRunner:
         # Every prompt holds at least the smallest bucket of prefix, so more than this many
         # cannot fit the budget's worth of prefix buffer anyway.
         self.max_prompts = max(1, min(max_batch, token_budget // length_buckets[0]))
-        kv_sharding = sharding.named_sharding(mesh, sharding.PROMPT_KV_AXES, rules)
-        prefix_sharding = sharding.named_sharding(mesh, sharding.PREFIX_AXES, rules)
+        kv_sharding = sharding.named_sharding(mesh, axes.PROMPT_KV_AXES, rules)
+        prefix_sharding = sharding.named_sharding(mesh, axes.PREFIX_AXES, rules)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self._step = jax.jit(
             functools.partial(prefill_step, cfg, unroll=unroll),

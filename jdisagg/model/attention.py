@@ -12,8 +12,7 @@ live (each cache view's ``attend`` stores the new k, v and attends over its cont
   writes land somewhere harmless and their reads are masked out.
 * ``MixedKV`` (chunked prefill): decode rows and a prompt chunk packed in one step.
 
-``forward_layers`` scans the stacked layers, threading the cache through the carry so
-XLA updates it in place.
+``jdisagg.model.decoder.forward_layers`` runs the layers against any of them.
 """
 
 from __future__ import annotations
@@ -22,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jdisagg import model, paged_kernel
-from jdisagg.config import ModelConfig
+from jdisagg.model import paged_kernel
+from jdisagg.model.config import ModelConfig
 
 NULL_PAGE = 0
 _MASKED = -1e30  # finite, so fully masked (padding) rows give garbage, never NaN
@@ -70,9 +69,6 @@ class PromptKV:
         kv = self.replace(k=self.k.at[layer].set(k_btkh), v=self.v.at[layer].set(v_btkh))
         same = self.segment_bt[:, :, None] == self.segment_bt[:, None, :]
         return attend(q_btnh, k_btkh, v_btkh, causal_mask(pos_bt, pos_bt) & same), kv
-
-
-DECODE_ATTENTION = ("dot", "pallas")
 
 
 @struct.dataclass
@@ -154,22 +150,3 @@ class MixedKV:
         out_c = packed.replace(page_table=self.chunk_table).read(layer, q_1tnh[:, b:], pos_1t[:, b:])
         out = jnp.concatenate([out_d.reshape(1, b, *out_d.shape[2:]), out_c], axis=1)
         return out, self.replace(k_pages=packed.k_pages, v_pages=packed.v_pages)
-
-
-def forward_layers(cfg: ModelConfig, layers: dict, x_btd: jax.Array, pos_bt: jax.Array, kv, *, unroll: bool):
-    """Runs every layer in ``layers`` (stacked on axis 0) against cache ``kv``.
-
-    ``kv`` holds exactly the layers in ``layers`` (a pipeline stage passes its own slice).
-    ``unroll`` unrolls the loop over them (the preset's ``unroll_layers``: on GPUs XLA copies
-    each layer's weights out of the stack inside the loop, ~2x slower decode).
-    Returns the hidden states and the updated cache.
-    """
-
-    def body(carry, layer):
-        x_btd, kv, index = carry
-        q, k, v = model.block_qkv(cfg, layer, x_btd, pos_bt)
-        attn_btnh, kv = kv.attend(index, q, k, v, pos_bt)
-        return (model.block_finish(cfg, layer, x_btd, attn_btnh), kv, index + 1), None
-
-    (x_btd, kv, _), _ = jax.lax.scan(body, (x_btd, kv, jnp.int32(0)), layers, unroll=unroll)
-    return x_btd, kv

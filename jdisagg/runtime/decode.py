@@ -22,13 +22,15 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jdisagg import model, sharding
-from jdisagg.attention import NULL_PAGE, MixedKV, PagedKV, forward_layers
-from jdisagg.config import ModelConfig
-from jdisagg.pages import pages_for
-from jdisagg.platform import Program
-from jdisagg.prefill import bucket_for
-from jdisagg.sampling import Sampled, SamplingArrays, SamplingParams, sample
+from jdisagg.model import axes, decoder, sharding
+from jdisagg.model.attention import NULL_PAGE, MixedKV, PagedKV
+from jdisagg.model.config import ModelConfig
+from jdisagg.model.decoder import forward_layers
+from jdisagg.model.sampler import Sampled, SamplingArrays, sample
+from jdisagg.runtime.buckets import bucket_for, powers_of_two
+from jdisagg.runtime.compile import Program
+from jdisagg.sched.pages import pages_for
+from jdisagg.sched.params import SamplingParams
 
 
 def _split_stages(tree, stages: int):
@@ -99,7 +101,7 @@ def decode_step(
     Returns what was sampled (``Sampled``, [B]) and the updated page pools.
     """
     kv = PagedKV(k_pages, v_pages, page_table_bp, decode_attention)
-    x_btd = model.embed(cfg, params, tokens_b[:, None], pos_b[:, None])
+    x_btd = decoder.embed(cfg, params, tokens_b[:, None], pos_b[:, None])
     if stages == 1 and micro == 1:
         x_btd, kv = forward_layers(cfg, params["layers"], x_btd, pos_b[:, None], kv, unroll=unroll)
     else:
@@ -114,7 +116,7 @@ def decode_step(
             stage_sharding=stage_sharding,
             unroll=unroll,
         )
-    return sample(model.logits(cfg, params, x_btd[:, 0]), s, pos_b + 1), kv.k_pages, kv.v_pages
+    return sample(decoder.logits(cfg, params, x_btd[:, 0]), s, pos_b + 1), kv.k_pages, kv.v_pages
 
 
 def mixed_step(
@@ -142,12 +144,12 @@ def mixed_step(
     b = tokens_b.shape[0]
     tokens_1t = jnp.concatenate([tokens_b, chunk_c])[None]
     pos_1t = jnp.concatenate([pos_b, chunk_pos_c])[None]
-    x_1td = model.embed(cfg, params, tokens_1t, pos_1t)
+    x_1td = decoder.embed(cfg, params, tokens_1t, pos_1t)
     kv = MixedKV(k_pages, v_pages, page_table_bp, chunk_table_1p, decode_attention)
     x_1td, kv = forward_layers(cfg, params["layers"], x_1td, pos_1t, kv, unroll=unroll)
     last_bd = jnp.concatenate([x_1td[0, :b], x_1td[0, b + chunk_last][None]])
     next_pos = jnp.concatenate([pos_b + 1, chunk_pos_c[chunk_last][None] + 1])
-    return sample(model.logits(cfg, params, last_bd), s, next_pos), kv.k_pages, kv.v_pages
+    return sample(decoder.logits(cfg, params, last_bd), s, next_pos), kv.k_pages, kv.v_pages
 
 
 def insert_prefix(k_pages, v_pages, k_ltkh, v_ltkh, page_ids):
@@ -157,15 +159,6 @@ def insert_prefix(k_pages, v_pages, k_ltkh, v_ltkh, page_ids):
     k_pages = k_pages.at[:, page_ids].set(k_ltkh.reshape(l, t // z, z, kh, h))
     v_pages = v_pages.at[:, page_ids].set(v_ltkh.reshape(l, t // z, z, kh, h))
     return k_pages, v_pages
-
-
-def powers_of_two(max_batch: int) -> tuple[int, ...]:
-    """1, 2, 4, ... below ``max_batch``, then ``max_batch``."""
-    out, n = [], 1
-    while n < max_batch:
-        out.append(n)
-        n *= 2
-    return (*out, max_batch)
 
 
 class DecodeRunner:
@@ -201,14 +194,14 @@ class DecodeRunner:
             widths.append(w)
             w *= 2
         self.width_buckets = (*widths, self.max_pages_per_seq)
-        stages = mesh.shape["pp"] if rules.get(sharding.LAYERS) == "pp" else 1
+        stages = mesh.shape["pp"] if rules.get(axes.LAYERS) == "pp" else 1
         self.stages, self.micro = stages, micro_batches
         buckets = tuple(batch_buckets) or powers_of_two(max_batch)
         self.batch_buckets = tuple(sorted({-(-b // micro_batches) * micro_batches for b in buckets}))
-        self.pages_sharding = sharding.named_sharding(mesh, sharding.PAGES_AXES, rules)
+        self.pages_sharding = sharding.named_sharding(mesh, axes.PAGES_AXES, rules)
         # Where a prefix must land to be inserted: the destination sharding for KV transfer.
-        self.prefix_sharding = sharding.named_sharding(mesh, sharding.PREFIX_AXES, rules)
-        stage_sharding = NamedSharding(mesh, PartitionSpec(rules.get(sharding.LAYERS)))
+        self.prefix_sharding = sharding.named_sharding(mesh, axes.PREFIX_AXES, rules)
+        stage_sharding = NamedSharding(mesh, PartitionSpec(rules.get(axes.LAYERS)))
         shape = (cfg.n_layers, n_pages, page_size, cfg.n_kv_heads, cfg.head_dim)
         zeros = jax.jit(lambda: jnp.zeros(shape, cfg.dtype), out_shardings=self.pages_sharding)
         self.k_pages, self.v_pages = zeros(), zeros()

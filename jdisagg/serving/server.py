@@ -30,12 +30,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jdisagg.engine import Engine
-from jdisagg.metrics import Metrics
 from jdisagg.proto import jdisagg_pb2 as pb
 from jdisagg.proto import jdisagg_pb2_grpc as pb_grpc
-from jdisagg.sampling import SamplingParams
-from jdisagg.scheduler import Request
-from jdisagg.tokenizer import IncrementalDetokenizer
+from jdisagg.sched.params import SamplingParams
+from jdisagg.sched.scheduler import Request
+from jdisagg.serving.metrics import Metrics
+from jdisagg.text.tokenizer import IncrementalDetokenizer
 
 SERVICE = "jdisagg.v1.Generation"
 DEFAULT_MAX_TOKENS = 64

@@ -1,10 +1,5 @@
-"""Sharding as data: logical axis names, the logical axes of every array, and the rules
-that map logical axes to mesh axes.
-
-Every mesh in jdisagg has the axes ``("pp", "tp")``. One rule table (per instance, from
-its mesh preset) maps logical axes to those mesh axes, so prefill's tensor parallelism
-(a ``pp=1, tp=N`` mesh) and decode's layer pipeline (``pp=M, tp=N``) are the same code
-reading different data. The model itself never mentions a mesh.
+"""Sharding as data: the logical axes of every parameter and cache array, and jax
+shardings from the rules in ``jdisagg.model.axes``. The model itself never mentions a mesh.
 """
 
 from __future__ import annotations
@@ -15,20 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jdisagg.config import ModelConfig
-
-# Logical axes.
-LAYERS, VOCAB, EMBED, POSITIONS = "layers", "vocab", "embed", "positions"
-HEADS, KV_HEADS, HEAD_DIM, MLP = "heads", "kv_heads", "head_dim", "mlp"
-BATCH, LENGTH, PAGES, PAGE_SLOT = "batch", "length", "pages", "page_slot"
-
-MESH_AXES = ("pp", "tp")
-DEFAULT_RULES: Mapping[str, str | None] = {LAYERS: "pp", HEADS: "tp", KV_HEADS: "tp", MLP: "tp", VOCAB: "tp"}
-
-# Logical axes of the cache arrays.
-PAGES_AXES = (LAYERS, PAGES, PAGE_SLOT, KV_HEADS, HEAD_DIM)  # k or v page pool [L, P, Z, K, H]
-PREFIX_AXES = (LAYERS, LENGTH, KV_HEADS, HEAD_DIM)  # one request's prefix KV [L, T, K, H]
-PROMPT_KV_AXES = (LAYERS, BATCH, LENGTH, KV_HEADS, HEAD_DIM)  # a prefill batch's KV [L, B, T, K, H]
+from jdisagg.model.axes import EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, MESH_AXES, MLP, POSITIONS, VOCAB
 
 # Logical axes of parameter leaves, by (module, parameter) name; layer leaves get LAYERS in front.
 _LEAF_AXES = {
@@ -80,33 +62,6 @@ def param_shardings(params, mesh: Mesh, rules: Mapping[str, str | None]) -> dict
     return jax.tree_util.tree_map(
         lambda axes: named_sharding(mesh, axes, rules), param_axes(params), is_leaf=lambda x: isinstance(x, tuple)
     )
-
-
-def logical_sizes(cfg: ModelConfig) -> dict[str, int]:
-    """The size of each logical axis that a mesh axis may shard."""
-    return {
-        LAYERS: cfg.n_layers,
-        HEADS: cfg.n_heads,
-        KV_HEADS: cfg.n_kv_heads,
-        MLP: cfg.ffn_dim,
-        VOCAB: cfg.vocab_size,
-        EMBED: cfg.dim,
-        HEAD_DIM: cfg.head_dim,
-    }
-
-
-def check_divisible(cfg: ModelConfig, axis_sizes: Mapping[str, int], rules: Mapping[str, str | None], where: str):
-    """Raises ValueError naming ``where.<mesh axis>`` when a sharded model axis does not divide."""
-    sizes = logical_sizes(cfg)
-    for logical, mesh_axis in rules.items():
-        if mesh_axis is None or logical not in sizes:
-            continue
-        n = axis_sizes.get(mesh_axis, 1)
-        if sizes[logical] % n:
-            raise ValueError(
-                f"{where}.{mesh_axis}={n} does not divide the model's {logical} ({sizes[logical]}); "
-                f"choose a {mesh_axis} that divides {sizes[logical]}"
-            )
 
 
 def make_mesh(devices, pp: int, tp: int) -> Mesh:

@@ -18,7 +18,7 @@ import functools
 import jax
 from jax.sharding import NamedSharding
 
-from jdisagg.prefill import Prefix
+from jdisagg.runtime.prefill import Prefix
 
 Box = tuple[tuple[int, int], ...]  # (start, stop) per dimension
 

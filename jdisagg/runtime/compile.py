@@ -1,0 +1,47 @@
+"""Start-up compiles: every program shape, several at once where the platform allows."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+
+import jax
+
+MAX_COMPILE_THREADS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """A jitted function and example arguments: one shape to compile at start-up."""
+
+    label: str
+    jitted: Callable  # a jax.jit-wrapped function
+    args: tuple
+
+
+def compile_all(programs: list[Program], done: Callable[[str], None] | None = None) -> float:
+    """Compiles ``programs``, several at once; returns the seconds it took.
+
+    XLA compiles outside the Python lock, so shapes compile in threads (not on GPUs, below).
+    A later call of the same function on arguments of the same shapes and shardings reuses
+    the result.
+    """
+    start = time.perf_counter()
+
+    def one(p: Program) -> str:
+        p.jitted.lower(*p.args).compile()
+        return p.label
+
+    # On GPUs one at a time: XLA autotunes a program's matmuls by timing them on the device,
+    # and concurrent autotuning on an H200 ran each compile several times slower and out of
+    # device memory beside an auto-sized page pool.
+    parallel = jax.default_backend() != "gpu"
+    workers = max(1, min(len(programs), os.cpu_count() or 1, MAX_COMPILE_THREADS)) if parallel else 1
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool:
+        for label in pool.map(one, programs):
+            if done:
+                done(label)
+    return time.perf_counter() - start
