@@ -72,12 +72,10 @@ class Prefix:
     first_token: int
     first_logprob: Logprob  # the first token's log-probability and top alternatives
     length: int  # prompt tokens held in k and v
-    k: jax.Array  # [L, T, K, H] on the prefill mesh; T is the length bucket
+    held_tokens: int  # positions k and v hold (the length bucket, T): what the prefill buffer counts
+    k: jax.Array  # [L, T, K, H] on the prefill mesh
     v: jax.Array
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+    nbytes: int  # bytes of k and v together
 
 
 class PrefillRunner:
@@ -179,6 +177,13 @@ class PrefillRunner:
             start += len(p)
         first = jax.device_get(first)
         return [
-            Prefix(int(first.tokens[i]), first.logprob(i, sp.logprobs), len(p), *prefixes[i])
+            Prefix(
+                int(first.tokens[i]),
+                first.logprob(i, sp.logprobs),
+                len(p),
+                prefixes[i][0].shape[1],
+                *prefixes[i],
+                prefixes[i][0].nbytes + prefixes[i][1].nbytes,
+            )
             for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
         ]
