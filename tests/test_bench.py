@@ -1,5 +1,6 @@
 """jdisagg.bench: metrics against hand-computed cases, workload statistics, and a short real run."""
 
+import gzip
 import json
 import subprocess
 import sys
@@ -163,7 +164,8 @@ def test_slo_scale_1_reproduces_the_stored_result():
     assert rescored["attainment"] == [p["attainment"] for p in result["points"]]  # exactly, not approx
     assert rescored["goodput"] == result["goodput"]
     # and on the stored GPU results, whose latencies are not binary fractions
-    stored = [json.loads(f.read_text()) for f in sorted(ROOT.glob("docs/bench/*.json"))]
+    stored = [json.loads(gzip.decompress(f.read_bytes())) for f in sorted(ROOT.glob("docs/bench/*.json.gz"))]
+    assert stored, "no stored results under docs/bench"
     stored = [r for r in stored if "points" in r]
     for r in stored:
         rescored = stats.rescore(r, 1.0)
@@ -420,6 +422,36 @@ def test_slo_command_errors(tmp_path):
     ]:
         proc = _bench("slo", *args, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+
+
+def _without_wrote_lines(stdout):
+    return [line for line in stdout.splitlines() if not line.startswith("jdisagg.bench: wrote")]
+
+
+def test_plot_and_slo_read_gzipped_results(tmp_path):
+    result = _result(HAND, label="disagg")
+    plain, packed = tmp_path / "r.json", tmp_path / "r.json.gz"
+    plain.write_text(json.dumps(result, indent=1))
+    packed.write_bytes(gzip.compress(json.dumps(result, separators=(",", ":")).encode()))  # as docs/bench stores them
+    outputs = []
+    for path, table in [(plain, tmp_path / "slo.json"), (packed, tmp_path / "slo.json.gz")]:
+        slo_proc = _bench("slo", str(path), "--scales", "0.5,1,2", "--json_out", str(table), timeout=60)
+        png = tmp_path / f"{path.name}.png"
+        plot_proc = _bench("plot", str(path), "--out", str(png), timeout=60)
+        assert slo_proc.returncode == 0 and plot_proc.returncode == 0, slo_proc.stderr + plot_proc.stderr
+        outputs.append((_without_wrote_lines(slo_proc.stdout), png.read_bytes()))
+    assert outputs[0] == outputs[1] and outputs[0][1].startswith(PNG_MAGIC)
+    packed_table = gzip.decompress((tmp_path / "slo.json.gz").read_bytes())  # --json_out FILE.gz: compact, gzipped
+    assert json.loads(packed_table) == json.loads((tmp_path / "slo.json").read_text()) and b"\n" not in packed_table
+
+
+def test_unreadable_gzipped_results_exit_2(tmp_path):
+    bad, truncated = tmp_path / "bad.json.gz", tmp_path / "truncated.json.gz"
+    bad.write_text(json.dumps(_result(HAND)))  # plain JSON under a .gz name
+    truncated.write_bytes(gzip.compress(json.dumps(_result(HAND)).encode())[:100])
+    for command, path in [("slo", bad), ("plot", truncated), ("slo", tmp_path / "missing.json.gz")]:
+        proc = _bench(command, str(path), "--out", str(tmp_path / "fig.png"), timeout=60)
+        assert proc.returncode == 2 and f"cannot read {path}" in proc.stderr, (command, proc.stderr)
 
 
 def test_micro_is_dispatched():

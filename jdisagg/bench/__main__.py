@@ -19,9 +19,11 @@ to stderr and exit with status 2.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import importlib.util
 import json
 import sys
+import zlib
 from pathlib import Path
 
 import grpc
@@ -75,7 +77,7 @@ def _define_flags() -> None:
     _define(flags.DEFINE_integer, "gpus", 0, "GPUs of the system, for per-GPU rates; 0: the server's devices.")
     _define(flags.DEFINE_integer, "seed", 0, "Seed of arrivals, lengths and prompts.")
     _define(flags.DEFINE_string, "label", "", "Name of this system in plots; default the server's mesh preset.")
-    _define(flags.DEFINE_string, "out", "", "run: JSON result file (none if empty); plot, slo: the PNG to write.")
+    _define(flags.DEFINE_string, "out", "", "run: JSON result file, gzipped if .gz (none if empty); plot, slo: PNG.")
     _define(flags.DEFINE_string, "plots_dir", "", "Write attainment.png and latency_cdf.png here.")
     _define(flags.DEFINE_integer, "vocab_size", 0, "Prompt ids come from [3, vocab_size); 0: the server's vocabulary.")
     _define(flags.DEFINE_integer, "input_len", 512, "fixed: prompt tokens.")
@@ -105,8 +107,12 @@ def _fail(message: str, status: int = 2) -> None:
 
 
 def _write_json(path: str, value) -> None:
+    """Indented JSON, or compact gzipped JSON when ``path`` ends in .gz (how results are stored)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(value, indent=1))
+    if path.endswith(".gz"):
+        Path(path).write_bytes(gzip.compress(json.dumps(value, separators=(",", ":")).encode(), mtime=0))
+    else:
+        Path(path).write_text(json.dumps(value, indent=1))
     print(f"{_PROG}: wrote {path}")
 
 
@@ -199,8 +205,9 @@ def _read_results(paths: list[str]) -> list[dict]:
     results = []
     for path in paths:
         try:
-            results.append(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
+            data = Path(path).read_bytes()
+            results.append(json.loads(gzip.decompress(data) if path.endswith(".gz") else data))
+        except (OSError, EOFError, zlib.error, ValueError) as e:  # ValueError: bad JSON or UTF-8
             _fail(f"cannot read {path}: {e}")
         missing = [k for k in _RESULT_KEYS if not isinstance(results[-1], dict) or k not in results[-1]]
         if missing:
