@@ -83,7 +83,7 @@ def test_stop_conditions():
     assert stopped.finish_reason == "stop"
     assert stopped.tokens == free.tokens[: first + 1]
     # EOS stops unless ignore_eos: make the model's EOS the token it is about to produce.
-    engine.eos_ids = (stop_at,)
+    engine.sched.eos_ids = (stop_at,)
     assert engine.generate([prompt], SamplingParams(max_tokens=10))[0].tokens == free.tokens[: first + 1]
     assert engine.generate([prompt], SamplingParams(max_tokens=10, ignore_eos=True))[0].tokens == free.tokens
 
@@ -307,7 +307,7 @@ def test_colocated_auto_pages_keep_memory_for_prefill(tmp_path, monkeypatch):
     """A colocated instance sized from device memory (``pages`` left out) leaves room beside
     its pool for the prefixes its prefill may hold (buffer + one call's prefixes + the packed
     row they are cut from) and the largest prefill program's scratch; still the same tokens."""
-    from jdisagg import engine as engine_module
+    from jdisagg.runtime import memory as engine_module
 
     (tmp_path / "auto.toml").write_text(
         'name = "colocated-auto"\npage_size = 16\nmax_seq_len = 256\n\n'
@@ -366,7 +366,7 @@ def test_two_device_preset_runs_any_model(tmp_path, monkeypatch):
     """``1p1d`` (the notebook's preset for two or more accelerators) sizes its pool from device
     memory; with memory statistics faked on CPU it gives one device's tokens (its context cut
     to the tiny model's 1024 tokens)."""
-    from jdisagg import engine as engine_module
+    from jdisagg.runtime import memory as engine_module
 
     text = (Path(__file__).resolve().parent.parent / "meshes" / "1p1d.toml").read_text()
     assert "max_seq_len = 2048" in text

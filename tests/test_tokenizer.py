@@ -6,7 +6,8 @@ import pytest
 import tokenizers
 import weights_util
 
-from jdisagg.text.tokenizer import IncrementalDetokenizer, Tokenizer
+from jdisagg.text.output import IncrementalDetokenizer
+from jdisagg.text.tokenizer import Tokenizer
 
 SMOLLM_CHAT = (
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"

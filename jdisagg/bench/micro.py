@@ -65,12 +65,13 @@ import numpy as np
 from absl import app, flags
 
 from jdisagg import cards, platform
-from jdisagg.engine import auto_pages, decode_runner, prefill_runner
 from jdisagg.model import axes, decoder, sharding
 from jdisagg.model.sampler import SamplingArrays
 from jdisagg.preset import DECODE_ATTENTION, InstanceSpec, MeshPreset, load_preset
 from jdisagg.runtime.buckets import length_buckets
 from jdisagg.runtime.decode import DecodeRunner
+from jdisagg.runtime.instances import decode_runner, prefill_runner
+from jdisagg.runtime.memory import auto_pages
 from jdisagg.runtime.prefill import PrefillRunner
 from jdisagg.sched.pages import pages_for
 from jdisagg.sched.params import SamplingParams

@@ -1,14 +1,23 @@
 """Sampling parameters of a request, as the host sees them (no jax here).
 
-Randomness is a pure function of (request seed, position of the sampled token), so a
-request samples the same tokens whatever batch, instance or mesh it runs on; the sampler
-that does it is ``jdisagg.model.sampler``.
+Every value is checked against the range the device programs can hold (int32 token ids and
+top-k, uint32 seeds, float32 temperatures), so a request that passes never fails inside a
+worker. Randomness is a pure function of (request seed, position of the sampled token), so a
+request samples the same tokens whatever batch, instance or mesh it runs on; the sampler that
+does it is ``jdisagg.model.sampler``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+
+MAX_LOGPROBS = 20  # top alternatives every program computes; a request reports up to this many
+INT32_MAX = 2**31 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_STOP_STRINGS = 16  # stop strings per request
+MAX_STOP_CHARS = 256  # characters per stop string
+MAX_STOP_TOKEN_IDS = 64  # stop token ids per request
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,25 +36,30 @@ class SamplingParams:
 
     def __post_init__(self):
         problems = []
-        if self.max_tokens < 1:
-            problems.append(f"max_tokens must be >= 1 (got {self.max_tokens})")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+        if not 1 <= self.max_tokens <= INT32_MAX:
+            problems.append(f"max_tokens must be in [1, {INT32_MAX}] (got {self.max_tokens})")
+        if not (math.isfinite(self.temperature) and 0 <= self.temperature <= FLOAT32_MAX):
             problems.append(f"temperature must be a finite number >= 0 (got {self.temperature})")
-        if self.top_k < 0:
-            problems.append(f"top_k must be >= 0 (got {self.top_k})")
-        if not 0 < self.top_p <= 1:
+        if not 0 <= self.top_k <= INT32_MAX:
+            problems.append(f"top_k must be in [0, {INT32_MAX}] (got {self.top_k})")
+        if not 0 < self.top_p <= 1:  # NaN fails this too
             problems.append(f"top_p must be in (0, 1] (got {self.top_p})")
         if not 0 <= self.seed < 2**32:
             problems.append(f"seed must be in [0, 2**32) (got {self.seed})")
-        if any(t < 0 for t in self.stop_token_ids):
-            problems.append("stop_token_ids must be >= 0")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            problems.append(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids (got {len(self.stop_token_ids)})")
+        if any(not 0 <= t <= INT32_MAX for t in self.stop_token_ids):
+            problems.append(f"stop_token_ids must be in [0, {INT32_MAX}]")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            problems.append(f"at most {MAX_STOP_STRINGS} stop strings (got {len(self.stop)})")
+        if any(not s for s in self.stop):
+            problems.append("a stop string must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            problems.append(f"a stop string has at most {MAX_STOP_CHARS} characters")
         if not 0 <= self.logprobs <= MAX_LOGPROBS:
             problems.append(f"logprobs must be in [0, {MAX_LOGPROBS}] (got {self.logprobs})")
         if problems:
             raise ValueError("; ".join(problems))
-
-
-MAX_LOGPROBS = 20  # top alternatives every program computes; a request reports up to this many
 
 
 @dataclasses.dataclass(frozen=True)

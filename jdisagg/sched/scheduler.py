@@ -1,216 +1,381 @@
-"""Scheduling policy in plain Python: requests, the prefill queue, decode slots and pages.
+"""The scheduling policy of one process's instances, as verbs that follow the
+schedule -> execute -> update loop of each instance.
 
-Nothing here touches a device; the runners execute what these classes decide.
+The drivers (``jdisagg.runtime.workers`` on devices, the planner's simulator on a virtual
+clock) call, per instance::
 
-A request's life::
+    prefill i:  batch = take_prefill(i)      -> run the prompts   -> prefilled(i, batch, prefixes)
+    decode d:   pulls = take_pulls(d)        -> move their KV     -> pulled(d, pulls, seconds)
+                batch = take_step(d)         -> one decode step   -> sampled(d, batch, tokens, logprobs)
+    chunked d:  step = take_chunk_step(d)    -> one mixed step    -> chunk_sampled(d, step, tokens, logprobs)
 
-    WAITING --prefill--> PREFILLED (prefix KV held on the prefill mesh)
-            --pull-----> RUNNING (KV in decode pages; one token per decode step)
-            --stop-----> FINISHED
-    RUNNING --preempted (pages ran out)--> WAITING, to be prefilled again over
-            prompt + output[:-1]; tokens already produced are kept.
+Each ``take_*`` returns a small value naming the requests and their inputs (read under the
+lock); the runner executes it; the matching update verb takes it back with the results.
+
+and any thread calls ``submit``, ``cancel`` and ``fail``. Every verb is atomic (one lock),
+and the runners never decide anything: what to run, where, and when a request ends is
+decided here. ``on_change`` is called after every verb that changed something, so idle
+workers can sleep until there is work.
+
+What each part owns (so the same parts can sit in different processes): the FCFS queue
+(``PrefillQueue``), each prefill instance's buffer of prefixes (``PrefillBuffer``:
+back-pressure), each decode instance's slots and pages (``DecodeSlots``: admission,
+preemption of the youngest), and the routing between them (``router``).
+
+Cancellation frees a request's queue slot, prefix and pages at once (memory a device call
+in flight is still using stays referenced by that call until it returns) and ends its
+stream with finish reason "cancelled"; the verb that later sees the request skips it.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import enum
-import itertools
-import queue
+import threading
 import time
+from collections.abc import Callable, Sequence
 
-from jdisagg.sched.pages import PageAllocator, pages_for
-from jdisagg.sched.params import SamplingParams
-
-
-class State(enum.Enum):
-    WAITING = "waiting"
-    PREFILLED = "prefilled"
-    RUNNING = "running"
-    FINISHED = "finished"
+from jdisagg.sched import router
+from jdisagg.sched.decode import DecodeSlots
+from jdisagg.sched.params import Logprob, SamplingParams
+from jdisagg.sched.prefill import PrefillBuffer, PrefillQueue
+from jdisagg.sched.request import Output, Prefix, Request, State, is_stop_token, stop_reason
 
 
-_ids = itertools.count()
+@dataclasses.dataclass(frozen=True)
+class PrefillSpec:
+    """What the scheduler knows of a prefill instance."""
+
+    max_prompts: int  # prompts per call
+    token_budget: int  # prompt tokens per call; a longer prompt runs alone
+    buffer_tokens: int  # prefix tokens held for decode before prefill pauses
 
 
-@dataclasses.dataclass(eq=False)
-class Request:
-    prompt: list[int]
-    params: SamplingParams
-    id: int = dataclasses.field(default_factory=lambda: next(_ids))
-    output: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list = dataclasses.field(default_factory=list)  # jdisagg.sampling.Logprob per output token
-    state: State = State.WAITING
-    finish_reason: str | None = None
-    prefix: object = None  # jdisagg.prefill.Prefix while PREFILLED
-    prefill_instance: int = 0  # which prefill instance holds the prefix
-    pages: list[int] = dataclasses.field(default_factory=list)
-    preemptions: int = 0
-    cancelled: bool = False
-    error: str | None = None  # set when the engine failed while holding the request
-    arrival: float = dataclasses.field(default_factory=time.perf_counter)
-    times: dict[str, float] = dataclasses.field(default_factory=dict)  # event name -> perf_counter()
-    transfer_s: float = 0.0
-    transfer_bytes: int = 0
-    # Streaming consumers read (new token ids, finished?) tuples from here; None when nobody streams.
-    events: queue.SimpleQueue | None = None
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+    """What the scheduler knows of a decode (or colocated, or chunked) instance."""
 
-    def append(self, token: int, logprob) -> None:
-        self.output.append(token)
-        if self.params.logprobs:
-            self.logprobs.append(logprob)
-
-    def mark(self, event: str) -> None:
-        """Records the first time ``event`` happens (prefill_start, first_token, admitted, finished)."""
-        self.times.setdefault(event, time.perf_counter())
-
-    def emit(self, tokens: list[int]) -> None:
-        if self.events is not None:
-            self.events.put((tokens, self.state is State.FINISHED))
-
-    @property
-    def prefill_tokens(self) -> list[int]:
-        """What prefill must process: the prompt, plus all but the last output token after a preemption."""
-        return self.prompt + self.output[:-1]
-
-    @property
-    def position(self) -> int:
-        """Position of the next decode input (the last output token)."""
-        return len(self.prompt) + len(self.output) - 1
+    n_pages: int  # the pool, null page included
+    page_size: int
+    max_batch: int
+    takes_from: int | None = None  # colocated: its own prefill instance; None: any
+    chunk_tokens: int = 0  # > 0: a chunked-prefill instance, prefilling this many tokens per step
 
 
-class PrefillQueue:
-    """FCFS queue of waiting requests, cut into batches that fit a token budget."""
-
-    def __init__(self):
-        self._queue: collections.deque[Request] = collections.deque()
-
-    def __len__(self) -> int:
-        return len(self._queue)
-
-    def add(self, request: Request, front: bool = False) -> None:
-        request.state = State.WAITING
-        (self._queue.appendleft if front else self._queue.append)(request)
-
-    def remove(self, request: Request) -> bool:
-        try:
-            self._queue.remove(request)
-            return True
-        except ValueError:
-            return False
-
-    def peek(self) -> Request | None:
-        return self._queue[0] if self._queue else None
-
-    def drain(self) -> list[Request]:
-        out = list(self._queue)
-        self._queue.clear()
-        return out
-
-    def next_batch(self, max_prompts: int, token_budget: int) -> list[Request]:
-        """The longest FCFS prefix of the queue that packs into one prefill call: at most
-        ``max_prompts`` prompts of at most ``token_budget`` tokens together; a longer prompt
-        at the head runs alone."""
-        batch: list[Request] = []
-        tokens = 0
-        for request in self._queue:
-            n = len(request.prefill_tokens)
-            if batch and (len(batch) == max_prompts or tokens + n > token_budget):
-                break
-            batch.append(request)
-            tokens += n
-        for _ in batch:
-            self._queue.popleft()
-        return batch
+# What one device call runs, read under the lock (a cancel from another thread may change the
+# requests meanwhile; the update verb skips the ones that finished).
 
 
-class DecodeSlots:
-    """The requests one decode instance runs, and the pages they hold."""
+@dataclasses.dataclass
+class PrefillBatch:
+    requests: list[Request]
+    prompts: list[list[int]]  # what each must prefill (prompt, plus output after a preemption)
+    params: list[SamplingParams]
 
-    def __init__(self, n_pages: int, page_size: int, max_batch: int, max_seq_len: int):
-        self.allocator = PageAllocator(n_pages)
-        self.page_size, self.max_batch, self.max_seq_len = page_size, max_batch, max_seq_len
-        self.running: list[Request] = []  # in admission order: the last is the youngest
-        self.admitted = 0  # requests taken so far
-        # Chunked prefill: the request whose prompt is being prefilled, and how far it got.
-        self.chunking: Request | None = None
-        self.chunk_done = 0
 
-    def __len__(self) -> int:
-        return len(self.running)
+@dataclasses.dataclass
+class Pull:
+    request: Request
+    prefix: object  # the prefill runner's Prefix: what to move
+    pages: list[int]  # decode pages reserved for it, in position order
 
-    def can_admit(self, request: Request) -> bool:
-        """Whether a batch slot and pages for the request's prefix plus one token are free."""
-        needed = pages_for(request.position + 1, self.page_size)
-        return len(self.running) < self.max_batch and needed <= self.allocator.num_free
 
-    def try_admit(self, request: Request) -> bool:
-        """Takes the request if ``can_admit``; allocates its pages."""
-        if not self.can_admit(request):
-            return False
-        request.pages = self.allocator.allocate(pages_for(request.position + 1, self.page_size))
-        request.state = State.RUNNING
-        self.running.append(request)
-        self.admitted += 1
-        return True
+@dataclasses.dataclass
+class DecodeBatch:
+    requests: list[Request]
+    tokens: list[int]  # each row's last token
+    positions: list[int]  # where it goes
+    page_tables: list[list[int]]
+    params: list[SamplingParams]
 
-    def reserve_prompt(self, request: Request) -> bool:
-        """Chunked prefill: takes pages for the request's whole prefill plus one token."""
-        if len(self.running) >= self.max_batch:
-            return False
-        pages = self.allocator.allocate(pages_for(len(request.prefill_tokens) + 1, self.page_size))
-        if pages is None:
-            return False
-        request.pages, request.state = pages, State.PREFILLED
-        self.chunking, self.chunk_done = request, 0
-        return True
+    @classmethod
+    def of(cls, rows: Sequence[Request]) -> DecodeBatch:
+        return cls(
+            list(rows),
+            [r.output[-1] for r in rows],
+            [r.position for r in rows],
+            [list(r.pages) for r in rows],
+            [r.params for r in rows],
+        )
 
-    def adopt(self, request: Request) -> None:
-        """Chunked prefill: the prompt is in; the request decodes from now on."""
-        request.state = State.RUNNING
-        self.running.append(request)
-        self.admitted += 1
 
-    def drop_chunking(self) -> None:
-        self.allocator.free(self.chunking.pages)
-        self.chunking.pages = []
-        self.chunking = None
+@dataclasses.dataclass
+class ChunkStep:
+    """A chunked instance's next step: decode rows plus (maybe) the next piece of one prompt."""
 
-    def release(self, request: Request) -> None:
-        self.allocator.free(request.pages)
-        request.pages = []
-        self.running.remove(request)
+    batch: DecodeBatch
+    chunk: Request | None = None
+    start: int = 0  # the piece's first prompt position
+    piece: list[int] = dataclasses.field(default_factory=list)
+    pages: list[int] = dataclasses.field(default_factory=list)  # the prompt's pages
+    params: SamplingParams | None = None
 
-    def reserve_next(self) -> list[Request]:
-        """Makes sure every running request has a page for its next position.
 
-        When pages run out, the youngest requests are preempted (their pages freed) until
-        the rest fit; returns the preempted requests, which the caller re-queues.
-        """
-        preempted = []
-        for request in list(self.running):
-            if request not in self.running:
-                continue  # preempted in this loop
-            while pages_for(request.position + 1, self.page_size) > len(request.pages):
-                page = self.allocator.allocate(1)
-                if page is not None:
-                    request.pages += page
+@dataclasses.dataclass(frozen=True)
+class Load:
+    """What one process's instances hold, for metrics and (later) a router's load reports."""
+
+    queued: int  # requests waiting for prefill
+    prefilled: list[int]  # per prefill instance: prefixes held for decode
+    held_tokens: list[int]  # per prefill instance: prefix tokens held
+    running: list[int]  # per decode instance: requests holding a slot
+    pages_used: list[int]
+    pages_total: list[int]
+
+
+class Scheduler:
+    """The prefill queue, prefill buffers, decode slots and routing of one process."""
+
+    def __init__(
+        self,
+        prefill: Sequence[PrefillSpec],
+        decode: Sequence[DecodeSpec],
+        *,
+        max_seq_len: int,
+        eos_ids: tuple[int, ...],
+        clock: Callable[[], float] = time.perf_counter,
+        on_change: Callable[[], None] | None = None,
+    ):
+        self.max_seq_len, self.eos_ids, self.clock = max_seq_len, tuple(eos_ids), clock
+        self.queue = PrefillQueue()
+        self.prefill = [PrefillBuffer(i, s.max_prompts, s.token_budget, s.buffer_tokens) for i, s in enumerate(prefill)]
+        self.decode = [DecodeSlots(s.n_pages, s.page_size, s.max_batch, takes_from=s.takes_from) for s in decode]
+        self.chunk_tokens = [s.chunk_tokens for s in decode]
+        self.held: list[Request] = []  # prefixes held for decode, FCFS across prefill instances
+        self.lock = threading.RLock()
+        self.on_change = on_change or (lambda: None)
+
+    # ---- intake ------------------------------------------------------------------------
+
+    def submit(self, r: Request) -> None:
+        with self.lock:
+            if r.arrival is None:
+                r.arrival = self.clock()
+            self.queue.add(r)
+        self.on_change()
+
+    def cancel(self, r: Request) -> None:
+        """Ends ``r`` now with "cancelled", freeing what it holds (see the module docstring)."""
+        with self.lock:
+            if r.finished:
+                return
+            r.cancelled = True
+            self._free(r)
+            self._finish(r, "cancelled")
+        self.on_change()
+
+    def fail(self, requests: Sequence[Request], error: str) -> None:
+        """Ends ``requests`` with ``error`` (an instance failed while running them)."""
+        with self.lock:
+            for r in requests:
+                if not r.finished:
+                    r.error = error
+                    self._free(r)
+                    self._finish(r, "error")
+        self.on_change()
+
+    def fail_all(self, error: str) -> None:
+        """Ends every request held anywhere with ``error``; nothing is left hanging."""
+        with self.lock:
+            held = list(self.queue)
+            held += [r for b in self.prefill for r in b.running] + self.held
+            held += [r for d in self.decode for r in (*d.running, *d.pulling, *[d.chunking] * bool(d.chunking))]
+        self.fail(held, error)
+
+    def load(self) -> Load:
+        with self.lock:
+            return Load(
+                queued=len(self.queue),
+                prefilled=[b.held for b in self.prefill],
+                held_tokens=[b.held_tokens for b in self.prefill],
+                running=[len(d) for d in self.decode],
+                pages_used=[d.pages_used for d in self.decode],
+                pages_total=[d.allocator.capacity for d in self.decode],
+            )
+
+    def idle(self) -> bool:
+        """Nothing queued, held or running."""
+        with self.lock:
+            return not (len(self.queue) or self.held or any(b.running for b in self.prefill) or any(self.decode))
+
+    # ---- prefill -----------------------------------------------------------------------
+
+    def take_prefill(self, i: int) -> PrefillBatch | None:
+        """The next FCFS batch for prefill instance ``i``; None while its buffer is full or
+        nothing waits."""
+        with self.lock:
+            b = self.prefill[i]
+            if not b.has_room or b.running:
+                return None
+            batch = self.queue.next_batch(b.max_prompts, b.token_budget)
+            if not batch:
+                return None
+            for r in batch:
+                r.state, r.prefill_instance = State.PREFILLING, i
+                self._mark(r, "prefill_start")
+            b.running = list(batch)
+            return PrefillBatch(batch, [r.prefill_tokens for r in batch], [r.params for r in batch])
+
+    def prefilled(self, i: int, batch: PrefillBatch, prefixes: Sequence[Prefix]) -> None:
+        """Prefill instance ``i`` ran ``batch``: first tokens out, prefixes held for decode."""
+        with self.lock:
+            b = self.prefill[i]
+            b.running = []
+            for r, prefix in zip(batch.requests, prefixes, strict=True):
+                if r.finished:  # cancelled or failed meanwhile
                     continue
-                victim = self.running[-1]
-                self.release(victim)
-                victim.preemptions += 1
-                preempted.append(victim)
-                if victim is request:
+                self._mark(r, "prefill_end")
+                if not r.output:  # a first prefill; after a preemption the output is already there
+                    self._mark(r, "first_token")
+                    if self._take_token(r, prefix.first_token, prefix.first_logprob):
+                        continue
+                b.hold(r, prefix)
+                self.held.append(r)
+        self.on_change()
+
+    # ---- decode ------------------------------------------------------------------------
+
+    def take_pulls(self, d: int) -> list[Pull]:
+        """Prefixes decode instance ``d`` pulls now, FCFS among those it takes, while it has a
+        slot and pages and no instance that could take the prefix runs fewer requests. Their
+        pages are reserved."""
+        with self.lock:
+            pulls = []
+            for r in [r for r in self.held if self.decode[d].takes(r.prefill_instance)]:
+                if not router.routes_to(d, r, self.decode):
                     break
-        return preempted
+                self.held.remove(r)
+                self.decode[d].admit(r)
+                r.decode_instance = d
+                self._mark(r, "admitted")
+                pulls.append(Pull(r, r.prefix, list(r.pages)))
+            return pulls
 
+    def pulled(self, d: int, pulls: Sequence[Pull], seconds: float) -> None:
+        """The KV of ``pulls`` is in decode instance ``d``'s pages (moving it took ``seconds``):
+        their prefixes are released on the prefill side and they decode from the next step."""
+        with self.lock:
+            for pull in pulls:
+                r = pull.request
+                if r.finished:
+                    continue
+                r.transfer_s += seconds
+                r.transfer_bytes += pull.prefix.nbytes
+                self.prefill[r.prefill_instance].release(r)
+                self.decode[d].start(r)
+        self.on_change()
 
-def stop_reason(request: Request, eos_ids: tuple[int, ...], max_seq_len: int) -> str | None:
-    """Why the request stops after its latest token, or None to go on (stop strings are the caller's)."""
-    token, p = request.output[-1], request.params
-    if token in p.stop_token_ids or (not p.ignore_eos and token in eos_ids):
-        return "stop"
-    if len(request.output) >= p.max_tokens or request.position + 1 >= max_seq_len:
-        return "length"
-    return None
+    def take_step(self, d: int) -> DecodeBatch | None:
+        """The rows of decode instance ``d``'s next step, each with a page for its next token
+        (the youngest are preempted and re-queued when pages run out); None without rows."""
+        with self.lock:
+            slots = self.decode[d]
+            self._preempt(slots)
+            return DecodeBatch.of(slots.running) if slots.running else None
+
+    def sampled(self, d: int, batch: DecodeBatch, tokens: Sequence[int], logprobs: Sequence[Logprob | None]) -> None:
+        """Decode instance ``d``'s step gave ``tokens`` (one per row, then padding)."""
+        with self.lock:
+            for r, token, logprob in zip(batch.requests, tokens, logprobs, strict=False):
+                if not r.finished and self._take_token(r, token, logprob):
+                    self.decode[d].release(r)
+        self.on_change()
+
+    # ---- chunked prefill ---------------------------------------------------------------
+
+    def take_chunk_step(self, d: int) -> ChunkStep | None:
+        """A chunked instance's next step: its rows, and the next ``chunk_tokens`` of the prompt
+        it is prefilling (taking the queue's head when it has none and pages allow); None
+        when there is nothing to run."""
+        with self.lock:
+            slots = self.decode[d]
+            head = self.queue.peek()
+            if slots.chunking is None and head is not None and slots.reserve_prompt(head):
+                self.queue.remove(head)
+                head.decode_instance = d
+                self._mark(head, "prefill_start")
+            self._preempt(slots)
+            r = slots.chunking
+            if r is None and not slots.running:
+                return None
+            step = ChunkStep(DecodeBatch.of(slots.running))
+            if r is not None:
+                start = slots.chunk_done
+                piece = r.prefill_tokens[start : start + self.chunk_tokens[d]]
+                step.chunk, step.start, step.piece, step.pages, step.params = r, start, piece, list(r.pages), r.params
+            return step
+
+    def chunk_sampled(self, d: int, step: ChunkStep, tokens: Sequence[int], logprobs: Sequence[Logprob | None]) -> None:
+        """The mixed step gave one token per row, then (last) the token after the chunk."""
+        n = len(step.batch.requests)
+        self.sampled(d, step.batch, tokens[:n], logprobs[:n])
+        r = step.chunk
+        if r is None:
+            return
+        with self.lock:
+            slots = self.decode[d]
+            if r.finished or slots.chunking is not r:
+                return
+            slots.chunk_done += len(step.piece)
+            if slots.chunk_done < len(r.prefill_tokens):
+                return
+            slots.chunking = None  # the prompt is in; decode from here
+            self._mark(r, "prefill_end")
+            self._mark(r, "admitted")
+            slots.start(r)
+            if not r.output:
+                self._mark(r, "first_token")
+                if self._take_token(r, tokens[-1], logprobs[-1]):
+                    slots.release(r)
+        self.on_change()
+
+    # ---- updates -----------------------------------------------------------------------
+
+    def _take_token(self, r: Request, token: int, logprob: Logprob | None) -> bool:
+        """Appends a token, streams it, and finishes the request if it stops; True if it did."""
+        r.output.append(token)
+        if r.params.logprobs:
+            r.logprobs.append(logprob)
+        reason = stop_reason(r, self.eos_ids, self.max_seq_len)
+        if r.text is not None and r.text.push(token, shown=not is_stop_token(r, token, self.eos_ids)):
+            reason = "stop"  # a stop string completed
+        if reason:
+            r.finish_reason, r.state = reason, State.FINISHED
+            self._mark(r, "finished")
+        self._emit(r, [token], [logprob] if r.params.logprobs else [])
+        return reason is not None
+
+    def _preempt(self, slots: DecodeSlots) -> None:
+        """Reserves every running request's next page; the preempted go back to the queue's front."""
+        for victim in reversed(slots.reserve_next()):
+            self.queue.add(victim, front=True)
+
+    def _free(self, r: Request) -> None:
+        """Takes ``r`` out of wherever it is and frees what it holds."""
+        if r.state is State.WAITING:
+            self.queue.remove(r)
+        elif r.state is State.PREFILLED:
+            self.held.remove(r)
+        if r.prefill_instance is not None:
+            b = self.prefill[r.prefill_instance]
+            if r in b.running:
+                b.running.remove(r)
+            b.release(r)
+        if r.decode_instance is not None:
+            self.decode[r.decode_instance].release(r)
+
+    def _finish(self, r: Request, reason: str) -> None:
+        r.finish_reason, r.state = reason, State.FINISHED
+        self._mark(r, "finished")
+        self._emit(r, [], [])
+
+    def _emit(self, r: Request, tokens: list[int], logprobs: list[Logprob]) -> None:
+        if r.listener is None and r.text is None:
+            return
+        text = ""
+        if r.text is not None:
+            text = r.text.finish() if r.finished else r.text.take()
+        if r.listener is not None:
+            r.listener(Output(tokens, text, logprobs, r.finished))
+
+    def _mark(self, r: Request, event: str) -> None:
+        r.times.setdefault(event, self.clock())

@@ -9,7 +9,7 @@ Hugging Face directory (``load``: ``tokenizer.json`` + ``tokenizer_config.json``
 BOS handling is ours, not the post-processor's: ``encode`` never runs the underlying
 post-processor and prepends BOS itself when asked to (or when the model does so by default).
 
-``IncrementalDetokenizer`` turns a growing list of token ids into text deltas for streaming.
+Streaming output text (detokenization, stop strings) is ``jdisagg.text.output``.
 """
 
 from __future__ import annotations
@@ -160,6 +160,13 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    @functools.cached_property
+    def longest_token_bytes(self) -> int:
+        """The most UTF-8 bytes one token decodes to (a part of a character counts as a whole
+        U+FFFD), so a text of n bytes has at least n / this many tokens."""
+        texts = self._tok.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
+        return max(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+
     # ---- chat --------------------------------------------------------------------------
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
@@ -175,7 +182,10 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Template then encode; BOS is not added again when the template already writes it."""
-        text = self.apply_chat_template(messages, add_generation_prompt)
+        return self.encode_chat_text(self.apply_chat_template(messages, add_generation_prompt))
+
+    def encode_chat_text(self, text: str) -> list[int]:
+        """Encodes a rendered chat template; BOS only if the template did not write it."""
         has_bos = bool(self.bos_token) and text.startswith(self.bos_token)
         return self.encode(text, add_bos=False if has_bos else None)
 
@@ -310,54 +320,3 @@ def _hf_chat_template(directory: Path, config: dict) -> str | None:
         named = {t.get("name"): t.get("template") for t in template}
         template = named.get("default", next(iter(named.values()), None))
     return template
-
-
-class IncrementalDetokenizer:
-    """Streaming text deltas from a growing token list.
-
-    Decodes a short window of recent tokens rather than the whole list: the window starts
-    about ``context`` tokens before the first unemitted one (at a character boundary), so
-    decoders that treat the first token specially (leading spaces) see the same context
-    every time. A delta is emitted only when the window's text grew and does not end in
-    U+FFFD, i.e. not in the middle of a multi-byte character split across tokens; held-back
-    text comes out once complete, or in ``flush``.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), context: int = 5):
-        self.tokenizer = tokenizer
-        self._context = context
-        self._ids = [int(i) for i in prompt_ids]
-        self._start = self._window_start()
-        # Characters of the window's text already emitted (or part of the prompt). A prompt
-        # that ends inside a multi-byte character: that character is emitted whole, later.
-        self._done = len(self._decode_window().rstrip("\ufffd"))
-
-    def _decode_window(self) -> str:
-        return self.tokenizer.decode(self._ids[self._start :])
-
-    def _window_start(self) -> int:
-        """``context`` tokens back, then further back (a little) until not inside a character."""
-        start = max(len(self._ids) - self._context, 0)
-        for _ in range(3):  # a UTF-8 character has at most 3 continuation bytes
-            if start == 0 or not self.tokenizer.decode(self._ids[start:]).startswith("\ufffd"):
-                break
-            start -= 1
-        return start
-
-    def _delta(self, final: bool) -> str:
-        text = self._decode_window()
-        if len(text) <= self._done or (text.endswith("\ufffd") and not final):
-            return ""
-        delta = text[self._done :]
-        self._start = self._window_start()
-        self._done = len(self._decode_window())
-        return delta
-
-    def push(self, token_id: int) -> str:
-        """Adds one token; returns the text that became final (possibly "")."""
-        self._ids.append(int(token_id))
-        return self._delta(final=False)
-
-    def flush(self) -> str:
-        """The text still held back at the end (an incomplete character decodes as U+FFFD)."""
-        return self._delta(final=True)

@@ -14,11 +14,13 @@ moves whole is neither cut nor joined.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 from jax.sharding import NamedSharding
 
 from jdisagg.runtime.prefill import Prefix
+from jdisagg.transfer.base import KVTransfer
 
 Box = tuple[tuple[int, int], ...]  # (start, stop) per dimension
 
@@ -114,3 +116,12 @@ def reshard(arrays: tuple[jax.Array, ...], dst: NamedSharding) -> tuple[jax.Arra
 def transfer(prefix: Prefix, dst: NamedSharding) -> tuple[jax.Array, jax.Array]:
     """The prefix's k and v [L, T, K, H], laid out as ``dst`` on the decode mesh."""
     return reshard((prefix.k, prefix.v), dst)
+
+
+class InProcess(KVTransfer):
+    """Both instances in this process: ``reshard`` device to device."""
+
+    def pull(self, prefixes: Sequence[Prefix], dst: NamedSharding) -> list[tuple[jax.Array, jax.Array]]:
+        moved = [transfer(p, dst) for p in prefixes]
+        jax.block_until_ready(moved)
+        return moved

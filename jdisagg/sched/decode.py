@@ -1,0 +1,105 @@
+"""What a decode instance owns: its batch slots and its page pool, admission and preemption."""
+
+from __future__ import annotations
+
+from jdisagg.sched.pages import PageAllocator, pages_for
+from jdisagg.sched.request import Request, State
+
+
+class DecodeSlots:
+    """The requests one decode instance runs, and the pages they hold."""
+
+    def __init__(self, n_pages: int, page_size: int, max_batch: int, *, takes_from: int | None = None):
+        self.allocator = PageAllocator(n_pages)
+        self.page_size, self.max_batch = page_size, max_batch
+        # Colocated: the prefill instance on the same devices (a replica decodes only what it
+        # prefilled); None: any prefill instance's prefixes.
+        self.takes_from = takes_from
+        self.running: list[Request] = []  # in admission order: the last is the youngest
+        self.pulling: list[Request] = []  # admitted, KV on its way
+        self.admitted = 0  # requests taken so far
+        # Chunked prefill: the request whose prompt is being prefilled, and how far it got.
+        self.chunking: Request | None = None
+        self.chunk_done = 0
+
+    def __len__(self) -> int:
+        """Requests holding a slot: running, and admitted with their KV on the way."""
+        return len(self.running) + len(self.pulling)
+
+    def takes(self, prefill_index: int | None) -> bool:
+        return self.takes_from in (None, prefill_index)
+
+    @property
+    def pages_used(self) -> int:
+        return self.allocator.capacity - self.allocator.num_free
+
+    def _next_step_pages(self) -> int:
+        """Pages the running requests need for their next tokens (those crossing a page boundary)."""
+        return sum(pages_for(r.position + 1, self.page_size) > len(r.pages) for r in self.running)
+
+    def can_admit(self, request: Request) -> bool:
+        """Whether a batch slot and pages for the request's prefix plus one token are free,
+        after the running requests' next tokens (so admitting never forces a preemption)."""
+        needed = pages_for(request.position + 1, self.page_size) + self._next_step_pages()
+        return len(self) < self.max_batch and needed <= self.allocator.num_free
+
+    def admit(self, request: Request) -> None:
+        """Takes the request (``can_admit`` must hold): allocates its pages; its KV is to be pulled."""
+        request.pages = self.allocator.allocate(pages_for(request.position + 1, self.page_size))
+        request.state = State.PULLING
+        self.pulling.append(request)
+        self.admitted += 1
+
+    def start(self, request: Request) -> None:
+        """The request's KV is in its pages: it decodes from the next step on."""
+        if request in self.pulling:
+            self.pulling.remove(request)
+        request.state = State.RUNNING
+        self.running.append(request)
+
+    def reserve_prompt(self, request: Request) -> bool:
+        """Chunked prefill: takes pages for the request's whole prefill plus one token."""
+        if len(self) >= self.max_batch:
+            return False
+        needed = pages_for(len(request.prefill_tokens) + 1, self.page_size) + self._next_step_pages()
+        if needed > self.allocator.num_free:
+            return False
+        request.pages = self.allocator.allocate(pages_for(len(request.prefill_tokens) + 1, self.page_size))
+        request.state = State.PREFILLING
+        self.chunking, self.chunk_done = request, 0
+        self.admitted += 1
+        return True
+
+    def release(self, request: Request) -> None:
+        """Frees the request's slot and pages, wherever it is on this instance."""
+        self.allocator.free(request.pages)
+        request.pages = []
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.pulling:
+            self.pulling.remove(request)
+        elif request is self.chunking:
+            self.chunking = None
+
+    def reserve_next(self) -> list[Request]:
+        """Makes sure every running request has a page for its next position.
+
+        When pages run out, the youngest requests are preempted (their pages freed) until
+        the rest fit; returns the preempted requests, which the caller re-queues.
+        """
+        preempted = []
+        for request in list(self.running):
+            if request not in self.running:
+                continue  # preempted in this loop
+            while pages_for(request.position + 1, self.page_size) > len(request.pages):
+                page = self.allocator.allocate(1)
+                if page is not None:
+                    request.pages += page
+                    continue
+                victim = self.running[-1]
+                self.release(victim)
+                victim.preemptions += 1
+                preempted.append(victim)
+                if victim is request:
+                    break
+        return preempted
