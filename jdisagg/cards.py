@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from pathlib import Path
 
 import jax
@@ -41,6 +42,18 @@ class ModelCard:
     shape: str = ""  # random
     seed: int = 0  # random
     description: str = ""
+
+    def to_toml(self) -> str:
+        """The card as a ``models/*.toml`` file would write it (paths absolute)."""
+        top = {"name": self.name, "description": self.description, "architecture": self.architecture}
+        top["dtype"] = self.dtype
+        source = {"kind": self.kind, "path": self.path, "requirement": self.requirement, "file": self.file}
+        source["shape"] = self.shape
+        lines = [f"{k} = {json.dumps(v)}" for k, v in top.items() if v]
+        lines += ["", "[source]"] + [f"{k} = {json.dumps(v)}" for k, v in source.items() if v]
+        if self.kind == "random":
+            lines.append(f"seed = {self.seed}")
+        return "\n".join(lines) + "\n"
 
 
 def parse_card(data: dict, where: str) -> ModelCard:

@@ -64,24 +64,30 @@ class Engine:
         warm_up: bool = True,
         progress: bool = True,
     ):
-        self.preset = mesh if isinstance(mesh, MeshPreset) else load_preset(mesh)
-        self.model = cards.open_model(cards.load_card(model_name), dtype)
-        self.cfg, self.tokenizer = self.model.cfg, self.model.tokenizer
-        self.max_seq_len = self.preset.max_seq_len
-        self.instances = Instances.build(self.model, self.preset)
-        eos_ids = tuple(self.tokenizer.eos_ids) if self.tokenizer else self.cfg.eos_ids
-        self.sched = Scheduler(*self.instances.scheduler_specs(), max_seq_len=self.max_seq_len, eos_ids=eos_ids)
-        self.intake = Intake(
-            self.tokenizer,
-            vocab_size=self.cfg.vocab_size,
-            max_seq_len=self.max_seq_len,
-            model_name=self.model.card.name,
-        )
-        self.prefill = self.instances.prefill  # the prefill runners
-        self.decode = [DecodeInstance(r, s) for r, s in zip(self.instances.decode, self.sched.decode, strict=True)]
-        self.loops = workers.loops(self.instances, self.sched)
+        preset = mesh if isinstance(mesh, MeshPreset) else load_preset(mesh)
+        loaded = cards.open_model(cards.load_card(model_name), dtype)
+        self._assemble(loaded, Instances.build(loaded, preset))
         if warm_up:
             self.warm_up(progress)
+
+    @classmethod
+    def over(cls, loaded: cards.LoadedModel, instances: Instances) -> Engine:
+        """An engine over instances built elsewhere (tests build them with fake runners)."""
+        engine = cls.__new__(cls)
+        engine._assemble(loaded, instances)
+        return engine
+
+    def _assemble(self, loaded: cards.LoadedModel, instances: Instances) -> None:
+        self.model, self.instances, self.preset = loaded, instances, instances.preset
+        self.cfg, self.tokenizer = loaded.cfg, loaded.tokenizer
+        self.max_seq_len = self.preset.max_seq_len
+        eos_ids = tuple(self.tokenizer.eos_ids) if self.tokenizer else self.cfg.eos_ids
+        self.sched = Scheduler(*instances.scheduler_specs(), max_seq_len=self.max_seq_len, eos_ids=eos_ids)
+        vocab, name = self.cfg.vocab_size, self.model.card.name
+        self.intake = Intake(self.tokenizer, vocab_size=vocab, max_seq_len=self.max_seq_len, model_name=name)
+        self.prefill = instances.prefill  # the prefill runners
+        self.decode = [DecodeInstance(r, s) for r, s in zip(instances.decode, self.sched.decode, strict=True)]
+        self.loops = workers.loops(instances, self.sched)
 
     def warm_up(self, progress: bool = True) -> float:
         """Compiles every program shape now, so no request waits on the compiler."""

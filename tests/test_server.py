@@ -90,11 +90,15 @@ def test_cancelled_streams_free_everything(served):
     deadline = time.time() + 10
     while time.time() < deadline:
         slots = engine.decode[0].slots
-        if slots.allocator.num_free == slots.allocator.capacity and not engine.prefilled and not len(engine.queue):
+        if (
+            slots.allocator.num_free == slots.allocator.capacity
+            and not engine.sched.prefilled
+            and not len(engine.sched.queue)
+        ):
             break
         time.sleep(0.05)
     assert slots.allocator.num_free == slots.allocator.capacity
-    assert engine.held_tokens == [0]
+    assert [b.held_tokens for b in engine.sched.prefill] == [0]
     assert _collect(stub, _request([5, 6], max_tokens=3, ignore_eos=True))[0]  # still serving
 
 
@@ -190,7 +194,7 @@ def test_burst_larger_than_decode_memory(tmp_path):
     assert sum(f.latency.preemptions for _, f in results) > 0
     assert max(f.latency.decode_queue_s for _, f in results) > 0  # prefixes waited in the prefill buffer
     slots = engine.decode[0].slots
-    assert slots.allocator.num_free == slots.allocator.capacity and engine.held_tokens == [0]
+    assert slots.allocator.num_free == slots.allocator.capacity and [b.held_tokens for b in engine.sched.prefill] == [0]
 
 
 def test_logprobs_and_stop_strings_stream(served):
@@ -233,7 +237,7 @@ def test_every_accepted_stream_reaches_the_engine():
     all complete with the offline engine's tokens once the workers run."""
     engine = Engine("tiny-llama", "cpu-tp2-pp2", warm_up=False, progress=False)
     server = Server(engine, port=0, max_queue=120)
-    server.grpc.start()  # listen, but hold the workers back so requests pile up in the queue
+    server.listen()  # listen, but hold the workers back so requests pile up in the queue
     server.set_ready()
     cases = [[5 + i % 200, 6, 7] for i in range(100)]
     try:
@@ -242,9 +246,9 @@ def test_every_accepted_stream_reaches_the_engine():
             with concurrent.futures.ThreadPoolExecutor(100) as pool:
                 futures = [pool.submit(_collect, stub, _request(ids, max_tokens=4, ignore_eos=True)) for ids in cases]
                 deadline = time.time() + 30
-                while len(engine.queue) < len(cases) and time.time() < deadline:
+                while len(engine.sched.queue) < len(cases) and time.time() < deadline:
                     time.sleep(0.05)
-                queued = len(engine.queue)
+                queued = len(engine.sched.queue)
                 for w in server.workers:
                     w.start()
                 results = [f.result() for f in futures]
@@ -260,14 +264,14 @@ def test_every_accepted_stream_reaches_the_engine():
 def test_full_queue_is_resource_exhausted():
     engine = Engine("tiny-llama", "cpu-single", warm_up=False, progress=False)
     server = Server(engine, port=0, max_queue=2)
-    server.grpc.start()  # workers held back: requests stay queued
+    server.listen()  # workers held back: requests stay queued
     server.set_ready()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.GenerationStub(channel)
             held = [stub.Generate(_request([5, 6], max_tokens=2)) for _ in range(2)]
             deadline = time.time() + 30
-            while len(engine.queue) < 2 and time.time() < deadline:
+            while len(engine.sched.queue) < 2 and time.time() < deadline:
                 time.sleep(0.05)
             with pytest.raises(grpc.RpcError) as err:
                 _collect(stub, _request([5, 6], max_tokens=2))
@@ -290,7 +294,7 @@ def test_failed_prefill_ends_its_streams(monkeypatch):
 
     monkeypatch.setattr(engine.prefill[0], "run", fail)
     server = Server(engine, port=0, max_queue=8)
-    server.grpc.start()  # workers held back until all four are queued: one prefill batch takes them
+    server.listen()  # workers held back until all four are queued: one prefill batch takes them
     server.set_ready()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
@@ -300,7 +304,7 @@ def test_failed_prefill_ends_its_streams(monkeypatch):
                     pool.submit(_collect, stub, _request([5, 6 + i], max_tokens=3), timeout=60) for i in range(4)
                 ]
                 deadline = time.time() + 30
-                while len(engine.queue) < 4 and time.time() < deadline:
+                while len(engine.sched.queue) < 4 and time.time() < deadline:
                     time.sleep(0.05)
                 for w in server.workers:
                     w.start()

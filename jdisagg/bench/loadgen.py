@@ -268,7 +268,7 @@ async def run_benchmark(target: str, config: BenchConfig) -> dict:
 
 @contextlib.contextmanager
 def local_server(model: str, mesh: str, *, warm_up: bool = True, progress: bool = True) -> Iterator[str]:
-    """A ``jdisagg.server.Server`` for ``model`` on ``mesh`` in this process, on a free port;
+    """A ``jdisagg.serving.server.Server`` for ``model`` on ``mesh`` in this process, on a free port;
     yields its target ("127.0.0.1:PORT") once every program is compiled, and stops it after."""
     from jdisagg.engine import Engine
     from jdisagg.serving.server import Server

@@ -207,11 +207,13 @@ class Instance(_message.Message):
     def __init__(self, role: _Optional[str] = ..., devices: _Optional[_Iterable[int]] = ..., pp: _Optional[int] = ..., tp: _Optional[int] = ..., max_batch: _Optional[int] = ..., pages: _Optional[int] = ..., page_size: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_prompt_tokens", "max_tokens", "max_queue")
+    __slots__ = ("max_prompt_tokens", "max_tokens", "max_queue", "max_prompt_bytes")
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_prompt_tokens: int
     max_tokens: int
     max_queue: int
-    def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_queue: _Optional[int] = ...) -> None: ...
+    max_prompt_bytes: int
+    def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_prompt_bytes: _Optional[int] = ...) -> None: ...

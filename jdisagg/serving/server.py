@@ -1,50 +1,78 @@
-"""The gRPC server: the ``jdisagg.v1.Generation`` service over an Engine.
+"""The gRPC server: the ``jdisagg.v1.Generation`` service over an Engine's instances.
 
-Threads:
-  * one worker per instance loops on its body in ``Engine.loops`` (``prefill_once`` for a
-    prefill instance, ``decode_once`` for a decode or chunked one, prefill-first for a
-    colocated one); each sleeps on ``Engine.wake`` when idle. A worker
-    that raises ends every held request with an error, marks the server NOT_SERVING and
-    sets ``failed`` (``jdisagg.serve`` then exits 1, for a supervisor to restart it), so no
-    stream hangs.
-  * gRPC handler threads turn requests into ``scheduler.Request``s, submit them, and stream
-    from each request's event queue, detokenizing incrementally. A client that cancels or
-    whose deadline passes cancels its request, which frees its queue slot, prefix KV and
-    pages at the next scheduling step.
+Threads and the event loop:
+  * one worker thread per instance runs its loop body (``runtime.workers``) and sleeps while
+    the scheduler has nothing for it (it wakes on the scheduler's ``on_change``). A worker
+    that raises ends every held request with an error, marks the server NOT_SERVING and sets
+    ``failed`` (``jdisagg.serve`` then exits 1, for a supervisor to restart it), so no stream
+    hangs.
+  * one asyncio event loop (its own thread) runs the ``grpc.aio`` server: no thread per
+    stream, so it holds as many open streams as ``max_queue`` and the decode slots allow.
+    A call's handler parses the request bytes itself (a malformed message is
+    INVALID_ARGUMENT, not INTERNAL), checks and tokenizes it in a small thread pool (off the
+    loop; ``serving.intake`` refuses oversized text before tokenizing), submits it, and
+    streams what its request's listener hands over from the workers. A client that cancels,
+    or whose deadline passes, cancels its request: its queue slot, prefix KV and pages are
+    freed at once.
 
-Health (``grpc.health.v1``) reports NOT_SERVING while warming up and while draining, and
-``Generate`` answers UNAVAILABLE then.
+Health (``grpc.health.v1``) reports NOT_SERVING while warming up, while draining and after
+a worker failed, and ``Generate`` answers UNAVAILABLE then. Server reflection is on.
 """
 
 from __future__ import annotations
 
-import queue
+import asyncio
+import concurrent.futures
 import random
 import threading
 import time
-from concurrent import futures
 
 import grpc
+import grpc.aio
 from absl import logging
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jdisagg.engine import Engine
 from jdisagg.proto import jdisagg_pb2 as pb
-from jdisagg.proto import jdisagg_pb2_grpc as pb_grpc
 from jdisagg.sched.params import SamplingParams
-from jdisagg.sched.scheduler import Request
+from jdisagg.sched.request import Output, Request
+from jdisagg.serving import intake
 from jdisagg.serving.metrics import Metrics
-from jdisagg.text.tokenizer import IncrementalDetokenizer
 
 SERVICE = "jdisagg.v1.Generation"
 DEFAULT_MAX_TOKENS = 64
+MAX_MESSAGE_BYTES = 8 * 2**20  # gRPC's limit on one request message
 
 
-class _Rejected(Exception):
+class Rejected(Exception):
+    """A call refused with a status code (and a message for the client)."""
+
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.code = code
+
+
+class _Changes:
+    """A counter of scheduler changes that idle workers sleep on."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._count = 0
+
+    def notify(self) -> None:
+        with self._cond:
+            self._count += 1
+            self._cond.notify_all()
+
+    def count(self) -> int:
+        return self._count
+
+    def wait(self, seen: int, timeout: float) -> None:
+        """Returns once something changed since ``seen`` (or after ``timeout``)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._count != seen, timeout)
 
 
 class Server:
@@ -61,192 +89,199 @@ class Server:
     ):
         self.engine, self.max_queue = engine, max_queue
         self.metrics = metrics or Metrics()
+        self.metrics.watch(engine.sched.load, len(engine.decode))
         self.ready = False
         self.draining = False
-        self._stop = threading.Event()
         self.failed = threading.Event()  # a worker died; the server only rejects from now on
-        self._inflight = 0
-        self._inflight_lock = threading.Lock()
-        # A stream holds a handler thread for its whole life, so there is one thread for every
-        # request the server can hold (queued, buffered or decoding) plus a few for the small
-        # RPCs; gRPC answers RESOURCE_EXHAUSTED beyond that instead of letting requests wait
-        # unseen for a thread. (64 threads capped an H200 pair at ~64 concurrent streams.)
-        streams = max_queue + sum(d.slots.max_batch for d in engine.decode)
-        self.grpc = grpc.server(
-            futures.ThreadPoolExecutor(streams + 16, thread_name_prefix="grpc"), maximum_concurrent_rpcs=streams + 16
-        )
-        pb_grpc.add_GenerationServicer_to_server(_Servicer(self), self.grpc)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, self.grpc)
-        self.port = self.grpc.add_insecure_port(f"{host}:{port}")
+        self.inflight = 0  # accepted calls not yet ended (touched on the event loop only)
+        self._stop = threading.Event()
+        self._changes = _Changes()
+        engine.sched.on_change = self._changes.notify
+        self._intake_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="intake")
+        self.loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self.loop.run_forever, name="grpc-loop", daemon=True)
+        self._loop_thread.start()
+        self.grpc: grpc.aio.Server = self._run(self._build(host, port))
+        self.workers = [
+            threading.Thread(target=self._work, args=loop, name=loop[0], daemon=True) for loop in engine.loops
+        ]
+
+    def _run(self, coroutine):
+        """Runs ``coroutine`` on the server's event loop and waits for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    async def _build(self, host: str, port: int) -> grpc.aio.Server:
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        server = grpc.aio.server(options=options)
+        raw = dict(request_deserializer=None)  # handlers parse the bytes themselves
+        handlers = {
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                self._generate, response_serializer=pb.GenerateResponse.SerializeToString, **raw
+            ),
+            "Tokenize": grpc.unary_unary_rpc_method_handler(
+                self._tokenize, response_serializer=pb.TokenizeResponse.SerializeToString, **raw
+            ),
+            "ModelInfo": grpc.unary_unary_rpc_method_handler(
+                self._model_info, response_serializer=pb.ModelInfoResponse.SerializeToString, **raw
+            ),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        self.port = server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {host}:{port}")
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.workers = [threading.Thread(target=self._work, args=loop, daemon=True) for loop in engine.loops]
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        return server
 
-    # ---- lifecycle -----------------------------------------------------------------
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    def listen(self) -> None:
+        """Accepts calls now (UNAVAILABLE until ``set_ready``); the workers are not started."""
+        self._run(self.grpc.start())
 
     def start(self) -> None:
-        """Listens now (answering UNAVAILABLE until ``set_ready``) and starts the workers."""
-        self.grpc.start()
+        """Listens and starts the workers."""
+        self.listen()
         for w in self.workers:
             w.start()
 
     def set_ready(self) -> None:
         self.ready = True
-        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._run(self._set_health(health_pb2.HealthCheckResponse.SERVING))
         logging.info("serving %s on port %d", self.engine.model.card.name, self.port)
 
     def drain(self, timeout: float | None = None) -> None:
         """Stops taking requests, lets in-flight ones finish, then stops everything."""
         self.draining = True
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._run(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self._inflight and (deadline is None or time.monotonic() < deadline):
+        while self.inflight and (deadline is None or time.monotonic() < deadline):
             time.sleep(0.05)
         self.stop()
 
     def stop(self) -> None:
         self._stop.set()
-        with self.engine.wake:
-            self.engine.wake.notify_all()
-        self.grpc.stop(grace=1).wait()
+        self._changes.notify()
+        self._run(self.grpc.stop(grace=1))
         for w in self.workers:
-            w.join(timeout=10)
+            if w.is_alive():
+                w.join(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._loop_thread.join(timeout=10)
+        self._intake_pool.shutdown(wait=False, cancel_futures=True)
 
-    def _set_health(self, status) -> None:
+    async def _set_health(self, status) -> None:
         for name in ("", SERVICE):
-            self.health.set(name, status)
+            await self.health.set(name, status)
 
     def _work(self, name: str, once) -> None:
         try:
             while not self._stop.is_set():
+                seen = self._changes.count()
                 if not once():
-                    with self.engine.wake:
-                        self.engine.wake.wait(timeout=0.05)
-                self._observe()
+                    self._changes.wait(seen, timeout=0.5)
         except Exception as e:  # a dead worker must not leave streams hanging
             logging.exception("worker %s failed", name)
             self.ready = False
-            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-            self.engine.fail_all(f"{name} failed: {e}")
+            asyncio.run_coroutine_threadsafe(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING), self.loop)
+            self.engine.sched.fail_all(f"{name} failed: {e}")
             self.failed.set()
 
-    def _observe(self) -> None:
-        m, e = self.metrics, self.engine
-        m.queue_depth.set(len(e.queue))
-        m.prefilled.set(len(e.prefilled))
-        for i, d in enumerate(e.decode):
-            m.running.labels(str(i)).set(len(d.slots))
-            m.pages_total.labels(str(i)).set(d.slots.allocator.capacity)
-            m.pages_used.labels(str(i)).set(d.slots.allocator.capacity - d.slots.allocator.num_free)
-
-    # ---- requests ------------------------------------------------------------------
+    # ---- requests ------------------------------------------------------------------------
 
     def request_from_proto(self, msg: pb.GenerateRequest) -> Request:
-        """Validates a GenerateRequest; raises _Rejected with the status code to return."""
-        e = self.engine
+        """Checks and tokenizes a GenerateRequest; ValueError says what is wrong."""
+        take = self.engine.intake
         kind = msg.WhichOneof("input")
-        try:
-            if kind is None:
-                raise ValueError("the request has no input: set text, token_ids or chat")
-            if kind == "text":
-                prompt = e.encode(msg.text) if msg.text else []
-            elif kind == "token_ids":
-                prompt = list(msg.token_ids.ids)
-            else:
-                if e.tokenizer is None:
-                    raise ValueError(f"model {e.model.card.name} has no tokenizer, so no chat template")
-                messages = [{"role": m.role, "content": m.content} for m in msg.chat.messages]
-                if not messages:
-                    raise ValueError("chat has no messages")
-                prompt = e.tokenizer.encode_chat(messages)
-            s = msg.sampling
-            params = SamplingParams(
-                logprobs=s.logprobs,
-                max_tokens=s.max_tokens or DEFAULT_MAX_TOKENS,
-                temperature=s.temperature,
-                top_k=s.top_k,
-                top_p=s.top_p or 1.0,
-                seed=s.seed if s.HasField("seed") else random.getrandbits(32),
-                stop=tuple(s.stop),
-                stop_token_ids=tuple(s.stop_token_ids),
-                ignore_eos=s.ignore_eos,
-            )
-            if msg.slo.ttft_s < 0 or msg.slo.tpot_s < 0:
-                raise ValueError("slo.ttft_s and slo.tpot_s must be >= 0")
-            request = e.make_request(prompt, params)
-        except ValueError as err:
-            raise _Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
-        with e.lock:
-            waiting = len(e.queue) + len(e.prefilled)
-        if waiting >= self.max_queue:
-            raise _Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the queue is full ({waiting} requests waiting)")
-        return request
+        if kind is None:
+            raise ValueError("the request has no input: set text, token_ids or chat")
+        intake.check_request_id(msg.request_id)
+        intake.check_slo(msg.slo.ttft_s, msg.slo.tpot_s)
+        s = msg.sampling
+        params = SamplingParams(
+            logprobs=s.logprobs,
+            max_tokens=s.max_tokens or min(DEFAULT_MAX_TOKENS, take.limits.max_tokens),
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p or 1.0,
+            seed=s.seed if s.HasField("seed") else random.getrandbits(32),
+            stop=tuple(s.stop),
+            stop_token_ids=tuple(s.stop_token_ids),
+            ignore_eos=s.ignore_eos,
+        )
+        if kind == "text":
+            prompt = take.encode_text(msg.text) if msg.text else []
+        elif kind == "token_ids":
+            prompt = list(msg.token_ids.ids)
+        else:
+            prompt = take.encode_chat([{"role": m.role, "content": m.content} for m in msg.chat.messages])
+        return take.request(prompt, params)
 
-    def generate(self, msg: pb.GenerateRequest, context: grpc.ServicerContext):
+    async def _parse(self, message_type, raw: bytes, context):
+        try:
+            return message_type.FromString(raw)
+        except DecodeError as err:
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"malformed {message_type.__name__}: {err}")
+
+    async def _abort(self, context, code: grpc.StatusCode, message: str):
+        self.metrics.errors.labels(code.name).inc()
+        await context.abort(code, message)
+
+    async def _generate(self, raw: bytes, context):
+        msg = await self._parse(pb.GenerateRequest, raw, context)
         if not self.ready or self.draining:
-            self._reject(context, grpc.StatusCode.UNAVAILABLE, "draining" if self.draining else "warming up")
+            await self._abort(context, grpc.StatusCode.UNAVAILABLE, "draining" if self.draining else "warming up")
         try:
-            request = self.request_from_proto(msg)
-        except _Rejected as r:
-            self._reject(context, r.code, str(r))
-        request.events = queue.SimpleQueue()
-        with self._inflight_lock:
-            self._inflight += 1
+            request = await self.loop.run_in_executor(self._intake_pool, self.request_from_proto, msg)
+        except ValueError as err:
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        load = self.engine.sched.load()
+        waiting = load.queued + sum(load.prefilled)
+        if waiting >= self.max_queue:
+            await self._abort(
+                context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"the queue is full ({waiting} requests waiting)"
+            )
+        outputs: asyncio.Queue[Output] = asyncio.Queue()
+        request.listener = lambda out: self.loop.call_soon_threadsafe(outputs.put_nowait, out)
+        self.inflight += 1
+        self.engine.submit(request)
         try:
-            context.add_callback(lambda: self.engine.cancel(request))
-            self.engine.submit(request)
-            yield from self._stream(request, msg, context)
+            async for response in self._stream(request, msg, outputs, context):
+                yield response
+        except asyncio.CancelledError:  # the client went away, or its deadline passed
+            self.engine.cancel(request)
+            deadline = (context.time_remaining() or 1) <= 0
+            self.metrics.finished.labels("deadline" if deadline else "cancelled").inc()
+            self.metrics.errors.labels("DEADLINE_EXCEEDED" if deadline else "CANCELLED").inc()
+            raise
         finally:
-            with self._inflight_lock:
-                self._inflight -= 1
+            self.inflight -= 1
 
-    def _stream(self, request: Request, msg: pb.GenerateRequest, context):
-        e = self.engine
-        detok = IncrementalDetokenizer(e.tokenizer, request.prompt) if e.tokenizer else None
-        text, sent, n_tokens = "", 0, 0
-        stops = request.params.stop
+    async def _stream(self, request: Request, msg: pb.GenerateRequest, outputs: asyncio.Queue, context):
         while True:
-            try:
-                tokens, finished = request.events.get(timeout=0.1)
-            except queue.Empty:
-                if not context.is_active():
-                    e.cancel(request)
-                    return
-                continue
-            while not finished and not request.events.empty():  # behind: send what is ready in one message
-                more, finished = request.events.get_nowait()
-                tokens = tokens + more
-            shown = tokens
-            if (
-                finished
-                and request.finish_reason == "stop"
-                and tokens
-                and (tokens[-1] in request.params.stop_token_ids or tokens[-1] in e.eos_ids)
-            ):
-                shown = tokens[:-1]  # a stop token ends the text but is not part of it
-            if detok:
-                text += "".join(detok.push(t) for t in shown) + (detok.flush() if finished else "")
-            cut = len(text)
-            for s in stops:
-                if s in text:
-                    cut = min(cut, text.index(s))
-            delta, sent = text[sent:cut], max(sent, cut)
-            logprobs = [_logprob(t, lp) for t, lp in zip(tokens, request.logprobs[n_tokens:], strict=False)]
-            n_tokens += len(tokens)
-            if not finished:
-                if tokens:
-                    yield pb.GenerateResponse(token_ids=tokens, text=delta, logprobs=logprobs)
+            out = await outputs.get()
+            tokens, text, logprobs = list(out.tokens), out.text, list(out.logprobs)
+            while not out.finished and not outputs.empty():  # behind: send what is ready in one message
+                out = outputs.get_nowait()
+                tokens += out.tokens
+                text += out.text
+                logprobs += out.logprobs
+            pb_logprobs = [_logprob(t, lp) for t, lp in zip(tokens, logprobs, strict=False)]
+            if not out.finished:
+                if tokens or text:
+                    yield pb.GenerateResponse(token_ids=tokens, text=text, logprobs=pb_logprobs)
                 continue
             if request.error:
-                context.abort(grpc.StatusCode.INTERNAL, request.error)
+                self.metrics.finished.labels("error").inc()
+                await self._abort(context, grpc.StatusCode.INTERNAL, request.error)
             if request.finish_reason == "cancelled":
-                context.abort(grpc.StatusCode.CANCELLED, "the request was cancelled")
-            final = self._final(request, msg)
-            yield pb.GenerateResponse(token_ids=tokens, text=delta, logprobs=logprobs, final=final)
+                self.metrics.finished.labels("cancelled").inc()
+                await self._abort(context, grpc.StatusCode.CANCELLED, "the request was cancelled")
+            yield pb.GenerateResponse(
+                token_ids=tokens, text=text, logprobs=pb_logprobs, final=self._final(request, msg)
+            )
             return
 
     def _final(self, r: Request, msg: pb.GenerateRequest) -> pb.FinalInfo:
@@ -284,26 +319,34 @@ class Server:
             slo_attained=attained,
         )
 
-    def _reject(self, context, code: grpc.StatusCode, message: str):
-        self.metrics.errors.labels(code.name).inc()
-        context.abort(code, message)
-
-    def tokenize(self, msg: pb.TokenizeRequest, context):
-        tok = self.engine.tokenizer
-        if tok is None:
-            self._reject(context, grpc.StatusCode.FAILED_PRECONDITION, "this model has no tokenizer")
+    def tokenize(self, msg: pb.TokenizeRequest) -> pb.TokenizeResponse:
+        """The ids Generate would see for the same input; ValueError says what is wrong."""
+        take, tok = self.engine.intake, self.engine.tokenizer
         kind = msg.WhichOneof("input")
         if kind == "chat":
-            ids = tok.encode_chat([{"role": m.role, "content": m.content} for m in msg.chat.messages])
+            ids = take.encode_chat([{"role": m.role, "content": m.content} for m in msg.chat.messages])
         elif kind == "text":
-            ids = tok.encode(msg.text, add_bos=None if msg.add_special_tokens else False)
+            ids = take.encode_text(msg.text, add_bos=None if msg.add_special_tokens else False)
         else:
-            self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, "set text or chat")
+            raise ValueError("set text or chat")
         return pb.TokenizeResponse(token_ids=ids, tokens=[tok.decode([i]) for i in ids])
 
-    def model_info(self, msg, context):
+    async def _tokenize(self, raw: bytes, context):
+        msg = await self._parse(pb.TokenizeRequest, raw, context)
+        if self.engine.tokenizer is None:
+            await self._abort(context, grpc.StatusCode.FAILED_PRECONDITION, "this model has no tokenizer")
+        try:
+            return await self.loop.run_in_executor(self._intake_pool, self.tokenize, msg)
+        except ValueError as err:
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+
+    async def _model_info(self, raw: bytes, context):
+        await self._parse(pb.ModelInfoRequest, raw, context)
+        return self.model_info()
+
+    def model_info(self) -> pb.ModelInfoResponse:
         e = self.engine
-        preset = e.preset
+        preset, limits = e.preset, e.intake.limits
         pools = iter(d.runner.n_pages for d in e.decode)  # the pool sizes in use (a preset may leave them out)
         instances = [
             pb.Instance(
@@ -327,8 +370,12 @@ class Server:
             mesh_preset=preset.name,
             instances=instances,
             limits=pb.Limits(
-                max_prompt_tokens=preset.max_seq_len - 1, max_tokens=preset.max_seq_len - 1, max_queue=self.max_queue
+                max_prompt_tokens=limits.max_prompt_tokens,
+                max_tokens=limits.max_tokens,
+                max_queue=self.max_queue,
+                max_prompt_bytes=limits.max_prompt_bytes,
             ),
+            card_toml=e.model.card.to_toml(),
             mesh_toml=_read(preset.source),
         )
 
@@ -344,17 +391,3 @@ def _read(path: str) -> str:
             return f.read()
     except OSError:
         return ""
-
-
-class _Servicer(pb_grpc.GenerationServicer):
-    def __init__(self, server: Server):
-        self.server = server
-
-    def Generate(self, request, context):  # noqa: N802 (gRPC method names)
-        yield from self.server.generate(request, context)
-
-    def Tokenize(self, request, context):  # noqa: N802
-        return self.server.tokenize(request, context)
-
-    def ModelInfo(self, request, context):  # noqa: N802
-        return self.server.model_info(request, context)
