@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import numpy as np
 
@@ -40,10 +41,12 @@ class _Controlled:
     def __init__(self):
         self.gate: threading.Event | None = None
         self.fail: Exception | None = None
+        self.delay = 0.0  # seconds each call takes
         self.calls: list = []
 
     def _enter(self, call) -> None:
         self.calls.append(call)
+        time.sleep(self.delay)
         if self.gate is not None:
             assert self.gate.wait(30), "a fake runner's gate was never opened"
         if self.fail is not None:
@@ -62,7 +65,18 @@ class FakePrefill(_Controlled):
         out = []
         for p in prompts:
             t = bucket_for(len(p), self.length_buckets)
-            out.append(FakePrefix((p[-1] + 1) % VOCAB, Logprob(-1.0, ((p[-1] + 1) % VOCAB, -1.0),), len(p), t, 8 * t))
+            out.append(
+                FakePrefix(
+                    (p[-1] + 1) % VOCAB,
+                    Logprob(
+                        -1.0,
+                        ((p[-1] + 1) % VOCAB, -1.0),
+                    ),
+                    len(p),
+                    t,
+                    8 * t,
+                )
+            )
         return out
 
     def programs(self):
@@ -127,6 +141,32 @@ def fake_engine(text: str, tokenizer=None) -> Engine:
     card = cards.ModelCard(name="fake", kind="random", shape="tiny-llama")
     loaded = cards.LoadedModel(card, shape("tiny-llama"), tokenizer)
     return Engine.over(loaded, instances)
+
+
+class ByteTokenizer:
+    """Text as its UTF-8 bytes (token id = byte), so the fake model's counting is readable as
+    text; chat renders as ``<role>content`` per message."""
+
+    eos_ids = (0,)
+    bos_id, bos_token = None, None
+    vocab_size = VOCAB
+    longest_token_bytes = 3  # a lone byte of a multi-byte character decodes as U+FFFD
+
+    def __init__(self):
+        self.encoded: list[str] = []  # every text encode() saw
+
+    def encode(self, text: str, add_bos=None) -> list[int]:
+        self.encoded.append(text)
+        return list(text.encode())
+
+    def decode(self, ids, skip_special_tokens=False) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages, add_generation_prompt=True) -> str:
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+    def encode_chat_text(self, text: str) -> list[int]:
+        return self.encode(text)
 
 
 def counted(prompt: list[int], n: int) -> list[int]:

@@ -229,95 +229,89 @@ class Server:
         self.metrics.errors.labels(code.name).inc()
         await context.abort(code, message)
 
-    async def _generate(self, raw: bytes, context):
-        msg = await self._parse(pb.GenerateRequest, raw, context)
+    # ---- serving one request, for any protocol (gRPC here, HTTP in serving.http) ----------
+
+    async def admit(self, build) -> Request:
+        """A request built by ``build()`` (run in the intake pool: it may tokenize), if the
+        server takes it; raises ``Rejected`` (UNAVAILABLE, INVALID_ARGUMENT, RESOURCE_EXHAUSTED)."""
         if not self.ready or self.draining:
-            await self._abort(context, grpc.StatusCode.UNAVAILABLE, "draining" if self.draining else "warming up")
+            raise Rejected(grpc.StatusCode.UNAVAILABLE, "draining" if self.draining else "warming up")
         try:
-            request = await self.loop.run_in_executor(self._intake_pool, self.request_from_proto, msg)
+            request = await self.loop.run_in_executor(self._intake_pool, build)
         except ValueError as err:
-            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
         load = self.engine.sched.load()
         waiting = load.queued + sum(load.prefilled)
         if waiting >= self.max_queue:
-            await self._abort(
-                context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"the queue is full ({waiting} requests waiting)"
-            )
+            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the queue is full ({waiting} requests waiting)")
+        return request
+
+    async def run(self, request: Request):
+        """Submits ``request`` and yields its ``Output``s (merged into one when the consumer is
+        behind); the last has ``finished``. A consumer that stops early (the client went away)
+        cancels the request. Raises ``Rejected`` (INTERNAL, CANCELLED) for a request that
+        ended without finishing."""
         outputs: asyncio.Queue[Output] = asyncio.Queue()
         request.listener = lambda out: self.loop.call_soon_threadsafe(outputs.put_nowait, out)
         self.inflight += 1
         self.engine.submit(request)
         try:
-            async for response in self._stream(request, msg, outputs, context):
-                yield response
-        except asyncio.CancelledError:  # the client went away, or its deadline passed
-            self.engine.cancel(request)
-            deadline = (context.time_remaining() or 1) <= 0
-            self.metrics.finished.labels("deadline" if deadline else "cancelled").inc()
-            self.metrics.errors.labels("DEADLINE_EXCEEDED" if deadline else "CANCELLED").inc()
-            raise
+            while True:
+                out = await outputs.get()
+                while not out.finished and not outputs.empty():
+                    more = outputs.get_nowait()
+                    out = Output(
+                        out.tokens + more.tokens, out.text + more.text, out.logprobs + more.logprobs, more.finished
+                    )
+                if out.finished and request.error:
+                    self.metrics.finished.labels("error").inc()
+                    raise Rejected(grpc.StatusCode.INTERNAL, request.error)
+                if out.finished and request.finish_reason == "cancelled":
+                    self.metrics.finished.labels("cancelled").inc()
+                    raise Rejected(grpc.StatusCode.CANCELLED, "the request was cancelled")
+                if out.finished:
+                    self._count_finished(request)
+                yield out
+                if out.finished:
+                    return
         finally:
             self.inflight -= 1
+            if not request.finished:  # the consumer stopped early
+                self.engine.cancel(request)
 
-    async def _stream(self, request: Request, msg: pb.GenerateRequest, outputs: asyncio.Queue, context):
-        while True:
-            out = await outputs.get()
-            tokens, text, logprobs = list(out.tokens), out.text, list(out.logprobs)
-            while not out.finished and not outputs.empty():  # behind: send what is ready in one message
-                out = outputs.get_nowait()
-                tokens += out.tokens
-                text += out.text
-                logprobs += out.logprobs
-            pb_logprobs = [_logprob(t, lp) for t, lp in zip(tokens, logprobs, strict=False)]
-            if not out.finished:
-                if tokens or text:
-                    yield pb.GenerateResponse(token_ids=tokens, text=text, logprobs=pb_logprobs)
-                continue
-            if request.error:
-                self.metrics.finished.labels("error").inc()
-                await self._abort(context, grpc.StatusCode.INTERNAL, request.error)
-            if request.finish_reason == "cancelled":
-                self.metrics.finished.labels("cancelled").inc()
-                await self._abort(context, grpc.StatusCode.CANCELLED, "the request was cancelled")
-            yield pb.GenerateResponse(
-                token_ids=tokens, text=text, logprobs=pb_logprobs, final=self._final(request, msg)
-            )
-            return
+    def client_left(self, deadline: bool) -> None:
+        """Counts a request whose client cancelled it or whose deadline passed."""
+        self.metrics.finished.labels("deadline" if deadline else "cancelled").inc()
+        self.metrics.errors.labels("DEADLINE_EXCEEDED" if deadline else "CANCELLED").inc()
 
-    def _final(self, r: Request, msg: pb.GenerateRequest) -> pb.FinalInfo:
-        t = r.times
-        first, done = t.get("first_token", r.arrival), t.get("finished", time.perf_counter())
-        n = len(r.output)
-        latency = pb.LatencyBreakdown(
-            queue_s=t.get("prefill_start", r.arrival) - r.arrival,
-            prefill_s=t.get("prefill_end", first) - t.get("prefill_start", r.arrival),
-            transfer_s=r.transfer_s,
-            transfer_bytes=r.transfer_bytes,
-            decode_queue_s=max(0.0, t.get("admitted", t.get("prefill_end", first)) - t.get("prefill_end", first)),
-            ttft_s=first - r.arrival,
-            tpot_s=(done - first) / (n - 1) if n > 1 else 0.0,
-            e2e_s=done - r.arrival,
-            preemptions=r.preemptions,
-        )
-        m = self.metrics
+    def _count_finished(self, r: Request) -> None:
+        m, lat = self.metrics, latency(r)
         m.finished.labels(r.finish_reason).inc()
-        m.ttft.observe(latency.ttft_s)
-        if n > 1:
-            m.tpot.observe(latency.tpot_s)
-        m.queue.observe(latency.queue_s)
+        m.ttft.observe(lat.ttft_s)
+        if len(r.output) > 1:
+            m.tpot.observe(lat.tpot_s)
+        m.queue.observe(lat.queue_s)
         if r.transfer_bytes:
             m.transfer.observe(r.transfer_s)
             m.transfer_bytes.observe(r.transfer_bytes)
-        slo = msg.slo
-        attained = (not slo.ttft_s or latency.ttft_s <= slo.ttft_s) and (not slo.tpot_s or latency.tpot_s <= slo.tpot_s)
-        return pb.FinalInfo(
-            finish_reason=r.finish_reason,
-            prompt_tokens=len(r.prompt),
-            completion_tokens=n,
-            latency=latency,
-            request_id=msg.request_id,
-            slo_attained=attained,
-        )
+
+    # ---- gRPC ----------------------------------------------------------------------------
+
+    async def _generate(self, raw: bytes, context):
+        msg = await self._parse(pb.GenerateRequest, raw, context)
+        try:
+            request = await self.admit(lambda: self.request_from_proto(msg))
+            async for out in self.run(request):
+                logprobs = [_logprob(t, lp) for t, lp in zip(out.tokens, out.logprobs, strict=False)]
+                final = _final(request, msg) if out.finished else None
+                if out.tokens or out.text or final:
+                    yield pb.GenerateResponse(token_ids=out.tokens, text=out.text, logprobs=logprobs, final=final)
+        except Rejected as r:
+            await self._abort(context, r.code, str(r))
+        except asyncio.CancelledError:  # the client went away, or its deadline passed
+            remaining = context.time_remaining()
+            self.client_left(deadline=remaining is not None and remaining <= 0)
+            raise
 
     def tokenize(self, msg: pb.TokenizeRequest) -> pb.TokenizeResponse:
         """The ids Generate would see for the same input; ValueError says what is wrong."""
@@ -378,6 +372,37 @@ class Server:
             card_toml=e.model.card.to_toml(),
             mesh_toml=_read(preset.source),
         )
+
+
+def latency(r: Request) -> pb.LatencyBreakdown:
+    """Where a finished request's time went (server clock)."""
+    t = r.times
+    first, done = t.get("first_token", r.arrival), t.get("finished", time.perf_counter())
+    n = len(r.output)
+    return pb.LatencyBreakdown(
+        queue_s=t.get("prefill_start", r.arrival) - r.arrival,
+        prefill_s=t.get("prefill_end", first) - t.get("prefill_start", r.arrival),
+        transfer_s=r.transfer_s,
+        transfer_bytes=r.transfer_bytes,
+        decode_queue_s=max(0.0, t.get("admitted", t.get("prefill_end", first)) - t.get("prefill_end", first)),
+        ttft_s=first - r.arrival,
+        tpot_s=(done - first) / (n - 1) if n > 1 else 0.0,
+        e2e_s=done - r.arrival,
+        preemptions=r.preemptions,
+    )
+
+
+def _final(r: Request, msg: pb.GenerateRequest) -> pb.FinalInfo:
+    lat, slo = latency(r), msg.slo
+    attained = (not slo.ttft_s or lat.ttft_s <= slo.ttft_s) and (not slo.tpot_s or lat.tpot_s <= slo.tpot_s)
+    return pb.FinalInfo(
+        finish_reason=r.finish_reason,
+        prompt_tokens=len(r.prompt),
+        completion_tokens=len(r.output),
+        latency=lat,
+        request_id=msg.request_id,
+        slo_attained=attained,
+    )
 
 
 def _logprob(token: int, lp) -> pb.TokenLogprob:
