@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from jdisagg import cards, preset
+from jdisagg import cards, preset, toml_file
 from jdisagg.engine import Engine
 from jdisagg.model.config import shape
 from jdisagg.runtime.buckets import bucket_for, length_buckets, token_buckets
@@ -130,9 +130,7 @@ class FakeTransfer(KVTransfer, _Controlled):
 
 def fake_engine(text: str, tokenizer=None) -> Engine:
     """An Engine over fake runners for the preset in TOML ``text`` (devices are not used)."""
-    import tomllib
-
-    p = preset.parse(tomllib.loads(text), "fake.toml")
+    p = preset.parse(toml_file.tomllib.loads(text), "fake.toml")
     buckets = p.length_buckets or length_buckets(p.max_seq_len, p.page_size)
     prefill = [FakePrefill(buckets, s.max_batch, s.token_budget) for s in p.prefill]
     decode = [FakeDecode(s.pages, p.page_size, s.max_batch, s.chunk_tokens) for s in p.decode]

@@ -30,7 +30,9 @@ def _req(n: int, max_tokens: int = 8, first: int = 0) -> Request:
     return Request([first + i % 200 + 1 for i in range(n)], SamplingParams(max_tokens=max_tokens, ignore_eos=True))
 
 
-def _sched(prefill=(PrefillSpec(4, 64, 1024),), decode=(DecodeSpec(64, 16, 4),), clock=None) -> Scheduler:
+def _sched(prefill=None, decode=None, clock=None) -> Scheduler:
+    prefill = [PrefillSpec(4, 64, 1024)] if prefill is None else prefill
+    decode = [DecodeSpec(64, 16, 4)] if decode is None else decode
     return Scheduler(list(prefill), list(decode), max_seq_len=512, eos_ids=(0,), clock=clock or Clock())
 
 

@@ -13,7 +13,20 @@ from jdisagg.text.output import TextOutput
 class ByteTokenizer:
     """Token i decodes to PIECES[i] (bytes): hand-checkable, with a character split over two tokens."""
 
-    PIECES = [b"The", b" cap", b"ital", b" of", b" Fr", b"ance", b" is", b" Par", b"is", b".", b" \xc3", b"\xa9t\xc3\xa9"]
+    PIECES = [
+        b"The",
+        b" cap",
+        b"ital",
+        b" of",
+        b" Fr",
+        b"ance",
+        b" is",
+        b" Par",
+        b"is",
+        b".",
+        b" \xc3",
+        b"\xa9t\xc3\xa9",
+    ]
     eos_ids = (0,)
 
     def decode(self, ids) -> str:
