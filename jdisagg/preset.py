@@ -94,10 +94,9 @@ class MeshPreset:
     length_buckets: tuple[int, ...] = ()
     description: str = ""
     source: str = ""
-    # Unroll the loop over layers in every program. On GPUs XLA copies each layer's weights
-    # out of the stacked arrays inside the loop: unrolled, a Llama-3-8B decode step at batch
-    # 8 took 6.0 ms instead of 12.7 on an H200, but each new batch shape took ~20 s to
-    # compile instead of ~3 (BENCHMARKS.md). Off by default.
+    # Unroll the loop over layers in every program: on GPUs a scanned loop copies each
+    # layer's weights out of the stacked arrays, so unrolled decode is faster, but each
+    # shape compiles several times longer (measured in BENCHMARKS.md). Off by default.
     unroll_layers: bool = False
     # How decode rows attend over their pages (attention.PagedKV): "dot" gathers the pages
     # of the batch's widest length bucket and runs matmuls (any platform, any sharding);
