@@ -15,7 +15,8 @@
 # SLOs are the DistServe paper's for OPT-13B: chat TTFT 0.25 s / TPOT 0.1 s, code 0.125 s / 0.2 s.
 # On a machine without network: HUMANEVAL is the HumanEval.lengths.json that a `code` run
 # writes next to its cached HumanEval file, and grpcio-health-checking / grpcio-reflection
-# must be installed (see BENCHMARKS.md for the exact set-up used).
+# must be installed (see BENCHMARKS.md for the exact set-up used). Results are gzipped compact
+# JSON (what docs/bench keeps); the server logs stay in OUT and are not for committing.
 set -euo pipefail
 out=$1 model=$2 systems=$3 workloads=$4 seconds=${5:-20} humaneval=${6:-}
 mkdir -p "$out"
@@ -42,12 +43,12 @@ for system in $systems; do
     [[ $name == code && -n $humaneval ]] && extra=(--humaneval_path "$humaneval")
     python3 -m jdisagg.bench run --target "127.0.0.1:$port" --workload "$name" --rates "$rates" \
       --duration_s "$seconds" --warmup_s "${WARMUP_S:-0}" "${slo[@]}" "${extra[@]}" --label "$system" --noprogress --stop_below 0.5 \
-      --out "$out/$model.$system.$name.json" || echo "== $system $name failed (exit $?); see $log"
+      --out "$out/$model.$system.$name.json.gz" || echo "== $system $name failed (exit $?); see $log"
   done
   kill -TERM "$pid"
   wait "$pid" || true
 done
 for w in $workloads; do
   name=${w%%:*}
-  python3 -m jdisagg.bench plot "$out"/"$model".*."$name".json --out "$out/$model.$name.attainment.png" || true
+  python3 -m jdisagg.bench plot "$out"/"$model".*."$name".json.gz --out "$out/$model.$name.attainment.png" || true
 done
