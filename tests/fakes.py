@@ -68,10 +68,7 @@ class FakePrefill(_Controlled):
             out.append(
                 FakePrefix(
                     (p[-1] + 1) % VOCAB,
-                    Logprob(
-                        -1.0,
-                        ((p[-1] + 1) % VOCAB, -1.0),
-                    ),
+                    Logprob(-1.0, (((p[-1] + 1) % VOCAB, -1.0),)),
                     len(p),
                     t,
                     8 * t,

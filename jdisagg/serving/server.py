@@ -1,4 +1,5 @@
-"""The gRPC server: the ``jdisagg.v1.Generation`` service over an Engine's instances.
+"""The gRPC server: the ``jdisagg.v1.Generation`` service over an Engine's instances, and
+(with ``http_port``) the OpenAI-compatible HTTP API of ``serving.http`` on the same event loop.
 
 Threads and the event loop:
   * one worker thread per instance runs its loop body (``runtime.workers``) and sleeps while
@@ -13,7 +14,9 @@ Threads and the event loop:
     loop; ``serving.intake`` refuses oversized text before tokenizing), submits it, and
     streams what its request's listener hands over from the workers. A client that cancels,
     or whose deadline passes, cancels its request: its queue slot, prefix KV and pages are
-    freed at once.
+    freed at once. Both protocols go through ``admit`` and ``run``.
+
+``access`` (``serving.access``) adds TLS and an API key to both protocols.
 
 Health (``grpc.health.v1``) reports NOT_SERVING while warming up, while draining and after
 a worker failed, and ``Generate`` answers UNAVAILABLE then. Server reflection is on.
@@ -23,9 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import random
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import grpc
 import grpc.aio
@@ -39,11 +45,13 @@ from jdisagg.proto import jdisagg_pb2 as pb
 from jdisagg.sched.params import SamplingParams
 from jdisagg.sched.request import Output, Request
 from jdisagg.serving import intake
+from jdisagg.serving.access import Access
 from jdisagg.serving.metrics import Metrics
 
 SERVICE = "jdisagg.v1.Generation"
 DEFAULT_MAX_TOKENS = 64
-MAX_MESSAGE_BYTES = 8 * 2**20  # gRPC's limit on one request message
+MAX_MESSAGE_BYTES = 8 * 2**20  # gRPC's limit on one request message (and HTTP's on one request body)
+T = TypeVar("T")
 
 
 class Rejected(Exception):
@@ -76,7 +84,8 @@ class _Changes:
 
 
 class Server:
-    """Serves an Engine over gRPC on ``host:port`` (port 0 picks a free one)."""
+    """Serves an Engine over gRPC on ``host:port`` (port 0 picks a free one), and over HTTP on
+    ``host:http_port`` if that is not None (0 picks a free one; ``self.http.port`` once listening)."""
 
     def __init__(
         self,
@@ -86,8 +95,10 @@ class Server:
         port: int = 50051,
         max_queue: int = 1024,
         metrics: Metrics | None = None,
+        http_port: int | None = None,
+        access: Access | None = None,
     ):
-        self.engine, self.max_queue = engine, max_queue
+        self.engine, self.max_queue, self.access = engine, max_queue, access or Access()
         self.metrics = metrics or Metrics()
         self.metrics.watch(engine.sched.load, len(engine.decode))
         self.ready = False
@@ -102,6 +113,11 @@ class Server:
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="grpc-loop", daemon=True)
         self._loop_thread.start()
         self.grpc: grpc.aio.Server = self._run(self._build(host, port))
+        self.http = None
+        if http_port is not None:
+            from jdisagg.serving.http import HttpApi  # imports aiohttp, needed only here
+
+            self.http = HttpApi(self, host, http_port)
         self.workers = [
             threading.Thread(target=self._work, args=loop, name=loop[0], daemon=True) for loop in engine.loops
         ]
@@ -112,7 +128,8 @@ class Server:
 
     async def _build(self, host: str, port: int) -> grpc.aio.Server:
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-        server = grpc.aio.server(options=options)
+        refused = self.metrics.errors.labels(grpc.StatusCode.UNAUTHENTICATED.name).inc
+        server = grpc.aio.server(options=options, interceptors=self.access.grpc_interceptors(refused) or None)
         raw = dict(request_deserializer=None)  # handlers parse the bytes themselves
         handlers = {
             "Generate": grpc.unary_stream_rpc_method_handler(
@@ -129,7 +146,9 @@ class Server:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self.port = server.add_insecure_port(f"{host}:{port}")
+        credentials = self.access.grpc_credentials()
+        address = f"{host}:{port}"
+        self.port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {host}:{port}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -140,6 +159,8 @@ class Server:
     def listen(self) -> None:
         """Accepts calls now (UNAVAILABLE until ``set_ready``); the workers are not started."""
         self._run(self.grpc.start())
+        if self.http is not None:
+            self._run(self.http.start())
 
     def start(self) -> None:
         """Listens and starts the workers."""
@@ -164,6 +185,8 @@ class Server:
     def stop(self) -> None:
         self._stop.set()
         self._changes.notify()
+        if self.http is not None:
+            self._run(self.http.stop())
         self._run(self.grpc.stop(grace=1))
         for w in self.workers:
             if w.is_alive():
@@ -231,9 +254,11 @@ class Server:
 
     # ---- serving one request, for any protocol (gRPC here, HTTP in serving.http) ----------
 
-    async def admit(self, build) -> Request:
-        """A request built by ``build()`` (run in the intake pool: it may tokenize), if the
-        server takes it; raises ``Rejected`` (UNAVAILABLE, INVALID_ARGUMENT, RESOURCE_EXHAUSTED)."""
+    async def admit(self, build: Callable[[], T]) -> T:
+        """What ``build()`` returns (a Request, or a protocol's call holding one), if the server
+        takes it; ``build`` runs in the intake pool (it may parse and tokenize). Raises
+        ``Rejected`` (UNAVAILABLE, INVALID_ARGUMENT for a ValueError, RESOURCE_EXHAUSTED); any
+        other exception from ``build`` goes to the caller as it is."""
         if not self.ready or self.draining:
             raise Rejected(grpc.StatusCode.UNAVAILABLE, "draining" if self.draining else "warming up")
         try:
@@ -245,6 +270,10 @@ class Server:
         if waiting >= self.max_queue:
             raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the queue is full ({waiting} requests waiting)")
         return request
+
+    async def off_loop(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run in the intake pool (for parsing and tokenizing, which must not stall the loop)."""
+        return await self.loop.run_in_executor(self._intake_pool, fn)
 
     async def run(self, request: Request):
         """Submits ``request`` and yields its ``Output``s (merged into one when the consumer is
@@ -301,14 +330,16 @@ class Server:
         msg = await self._parse(pb.GenerateRequest, raw, context)
         try:
             request = await self.admit(lambda: self.request_from_proto(msg))
-            async for out in self.run(request):
-                logprobs = [_logprob(t, lp) for t, lp in zip(out.tokens, out.logprobs, strict=False)]
-                final = _final(request, msg) if out.finished else None
-                if out.tokens or out.text or final:
-                    yield pb.GenerateResponse(token_ids=out.tokens, text=out.text, logprobs=logprobs, final=final)
+            async with contextlib.aclosing(self.run(request)) as outputs:  # closed (request freed) however we leave
+                async for out in outputs:
+                    logprobs = [_logprob(t, lp) for t, lp in zip(out.tokens, out.logprobs, strict=False)]
+                    final = _final(request, msg) if out.finished else None
+                    if out.tokens or out.text or final:
+                        yield pb.GenerateResponse(token_ids=out.tokens, text=out.text, logprobs=logprobs, final=final)
         except Rejected as r:
             await self._abort(context, r.code, str(r))
-        except asyncio.CancelledError:  # the client went away, or its deadline passed
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away, or its deadline passed
+            # (CancelledError while waiting for output, GeneratorExit while suspended at a yield)
             remaining = context.time_remaining()
             self.client_left(deadline=remaining is not None and remaining <= 0)
             raise
