@@ -1,10 +1,12 @@
-"""Run the gRPC server.
+"""Run the gRPC server (and, with ``--http_port``, the OpenAI-compatible HTTP API).
 
-    python -m jdisagg.serve --mesh cpu --model smollm2-135m-instruct --port 50051
+    python -m jdisagg.serve --mesh cpu --model smollm2-135m-instruct --port 50051 --http_port 8000
 
 Listens at once (answering UNAVAILABLE and health NOT_SERVING while it compiles every
 program shape), then serves. SIGTERM or Ctrl-C drains: no new requests, in-flight ones
-finish, then the process exits. Prometheus metrics are on ``--metrics_port``.
+finish, then the process exits. Prometheus metrics are on ``--metrics_port``. ``--api_key``
+(or ``$JDISAGG_API_KEY``) makes both protocols require ``authorization: Bearer KEY``;
+``--tls_cert`` and ``--tls_key`` make both speak TLS only.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ _METRICS_PORT = flags.DEFINE_integer("metrics_port", 9090, "Prometheus /metrics 
 _MAX_QUEUE = flags.DEFINE_integer("max_queue", 1024, "Requests waiting for prefill before RESOURCE_EXHAUSTED.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Override the card's dtype.")
 _DRAIN_TIMEOUT = flags.DEFINE_float("drain_timeout", 60.0, "Seconds to let in-flight requests finish on SIGTERM.")
+_HTTP_PORT = flags.DEFINE_integer("http_port", None, "OpenAI-compatible HTTP API port (0 picks one); unset: off.")
+_API_KEY = flags.DEFINE_string("api_key", None, "Require this bearer key on gRPC and HTTP (default $JDISAGG_API_KEY).")
+_TLS_CERT = flags.DEFINE_string("tls_cert", None, "PEM certificate chain: gRPC and HTTP over TLS (with --tls_key).")
+_TLS_KEY = flags.DEFINE_string("tls_key", None, "PEM private key of --tls_cert.")
 
 
 def main(argv: list[str]) -> None:
@@ -33,12 +39,21 @@ def main(argv: list[str]) -> None:
         print(f"jdisagg.serve: error: unexpected arguments {argv[1:]}", file=sys.stderr)
         sys.exit(2)
     from jdisagg.engine import Engine
+    from jdisagg.serving.access import Access, key_from_env
     from jdisagg.serving.server import Server
 
     try:
+        access = Access(key_from_env(_API_KEY.value), _TLS_CERT.value, _TLS_KEY.value)
         engine = Engine(_MODEL.value, _MESH.value, dtype=_DTYPE.value, warm_up=False)
-        server = Server(engine, host=_HOST.value, port=_PORT.value, max_queue=_MAX_QUEUE.value)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        server = Server(
+            engine,
+            host=_HOST.value,
+            port=_PORT.value,
+            max_queue=_MAX_QUEUE.value,
+            http_port=_HTTP_PORT.value,
+            access=access,
+        )
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:  # OSError: unreadable TLS files
         print(f"jdisagg.serve: error: {e}", file=sys.stderr)
         sys.exit(2)
     if _METRICS_PORT.value:
@@ -46,7 +61,12 @@ def main(argv: list[str]) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    server.start()
+    try:
+        server.start()
+    except OSError as e:  # the HTTP port is taken
+        print(f"jdisagg.serve: error: {e}", file=sys.stderr)
+        server.stop()
+        sys.exit(2)
     logging.info("listening on %s:%d; compiling", _HOST.value, server.port)
     failed = []
 
@@ -70,6 +90,9 @@ def main(argv: list[str]) -> None:
         server.stop()
         os._exit(0)  # the compiler thread cannot be interrupted
     server.set_ready()
+    if server.http is not None:
+        scheme = "https" if access.tls else "http"
+        print(f"jdisagg.serve: HTTP API on {scheme}://{_HOST.value}:{server.http.port}/v1", flush=True)
     print(f"jdisagg.serve: ready on {_HOST.value}:{server.port}", flush=True)
     while not stop.wait(0.2):
         if server.failed.is_set():  # its requests have their errors; a fresh process is the way out
