@@ -80,6 +80,7 @@ class Request:
     state: State = State.WAITING
     finish_reason: str | None = None
     error: str | None = None  # why a failed request failed
+    error_code: str | None = None  # the gRPC status name a failed request ends with (None: INTERNAL)
     cancelled: bool = False
     preemptions: int = 0
     # Where it is: the prefill instance holding its prefix, the decode instance running it.
@@ -119,6 +120,31 @@ def stop_reason(request: Request, eos_ids: tuple[int, ...], max_seq_len: int) ->
     if len(request.output) >= request.params.max_tokens or request.position + 1 >= max_seq_len:
         return "length"
     return None
+
+
+def append_token(request: Request, token: int, logprob: Logprob | None, eos_ids: tuple[int, ...], max_seq_len: int):
+    """Appends a sampled token to ``request`` (and its text); returns why it stops after it
+    (a stop token, a length limit or a completed stop string), or None to go on. Every
+    driver that receives tokens (the scheduler, a router in front of decode processes)
+    decides a request's end with this, so they agree."""
+    request.output.append(token)
+    if request.params.logprobs:
+        request.logprobs.append(logprob)
+    reason = stop_reason(request, eos_ids, max_seq_len)
+    if request.text is not None and request.text.push(token, shown=not is_stop_token(request, token, eos_ids)):
+        reason = "stop"  # a stop string completed
+    return reason
+
+
+def emit(request: Request, tokens: list[int], logprobs: list[Logprob]) -> None:
+    """Hands the request's listener its new tokens and the text they complete."""
+    if request.listener is None and request.text is None:
+        return
+    text = ""
+    if request.text is not None:
+        text = request.text.finish() if request.finished else request.text.take()
+    if request.listener is not None:
+        request.listener(Output(tokens, text, logprobs, request.finished))
 
 
 def is_stop_token(request: Request, token: int, eos_ids: tuple[int, ...]) -> bool:

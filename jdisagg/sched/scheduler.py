@@ -22,6 +22,13 @@ What each part owns (so the same parts can sit in different processes): the FCFS
 back-pressure), each decode instance's slots and pages (``DecodeSlots``: admission,
 preemption of the youngest), and the routing between them (``router``).
 
+One instance per process (``jdisagg.serving.instance``): a prefill process runs a Scheduler
+with one prefill and no decode instance, and ``hand_off`` ends a request there once a decode
+process pulled its prefix; a decode process runs one with no prefill and one decode
+instance, and ``hold`` gives it a prefix held by another process to pull (a preempted
+request lands in its queue, which that process hands back to the router). The router in
+front of them picks instances with ``router.pick_prefill`` / ``router.pick_decode``.
+
 Cancellation frees a request's queue slot, prefix and pages at once (memory a device call
 in flight is still using stays referenced by that call until it returns) and ends its
 stream with finish reason "cancelled"; the verb that later sees the request skips it.
@@ -38,7 +45,7 @@ from jdisagg.sched import router
 from jdisagg.sched.decode import DecodeSlots
 from jdisagg.sched.params import Logprob, SamplingParams
 from jdisagg.sched.prefill import PrefillBuffer, PrefillQueue
-from jdisagg.sched.request import Output, Prefix, Request, State, is_stop_token, stop_reason
+from jdisagg.sched.request import Prefix, Request, State, append_token, emit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +239,29 @@ class Scheduler:
                 self.held.append(r)
         self.on_change()
 
+    # ---- across processes (a prefill or decode instance in a process of its own) ----------
+
+    def hold(self, r: Request, prefix: Prefix) -> None:
+        """``r`` was prefilled in another process, which holds ``prefix``: this process's decode
+        instances pull it as they pull their own prefill instances' (``take_pulls``)."""
+        with self.lock:
+            if r.arrival is None:
+                r.arrival = self.clock()
+            r.prefix, r.state, r.prefill_instance = prefix, State.PREFILLED, None
+            self.held.append(r)
+        self.on_change()
+
+    def hand_off(self, r: Request) -> None:
+        """A decode instance in another process has pulled ``r``'s prefix (or its lease ended):
+        its buffer space is free and the request goes on elsewhere, so it leaves this process
+        without a finish reason or an update."""
+        with self.lock:
+            if r.finished:
+                return
+            self._free(r)
+            r.state = State.FINISHED
+        self.on_change()
+
     # ---- decode ------------------------------------------------------------------------
 
     def take_pulls(self, d: int) -> list[Pull]:
@@ -260,7 +290,10 @@ class Scheduler:
                     continue
                 r.transfer_s += seconds
                 r.transfer_bytes += pull.prefix.nbytes
-                self.prefill[r.prefill_instance].release(r)
+                if r.prefill_instance is not None:  # None: held by another process (``hold``)
+                    self.prefill[r.prefill_instance].release(r)
+                else:
+                    r.prefix = None
                 self.decode[d].start(r)
         self.on_change()
 
@@ -332,12 +365,7 @@ class Scheduler:
 
     def _take_token(self, r: Request, token: int, logprob: Logprob | None) -> bool:
         """Appends a token, streams it, and finishes the request if it stops; True if it did."""
-        r.output.append(token)
-        if r.params.logprobs:
-            r.logprobs.append(logprob)
-        reason = stop_reason(r, self.eos_ids, self.max_seq_len)
-        if r.text is not None and r.text.push(token, shown=not is_stop_token(r, token, self.eos_ids)):
-            reason = "stop"  # a stop string completed
+        reason = append_token(r, token, logprob, self.eos_ids, self.max_seq_len)
         if reason:
             r.finish_reason, r.state = reason, State.FINISHED
             self._mark(r, "finished")
@@ -369,13 +397,7 @@ class Scheduler:
         self._emit(r, [], [])
 
     def _emit(self, r: Request, tokens: list[int], logprobs: list[Logprob]) -> None:
-        if r.listener is None and r.text is None:
-            return
-        text = ""
-        if r.text is not None:
-            text = r.text.finish() if r.finished else r.text.take()
-        if r.listener is not None:
-            r.listener(Output(tokens, text, logprobs, r.finished))
+        emit(r, tokens, logprobs)
 
     def _mark(self, r: Request, event: str) -> None:
         r.times.setdefault(event, self.clock())

@@ -8,7 +8,9 @@ is sliced on its source device, copied straight to its destination device (a pla
 single-device to single-device copy), and the boxes are concatenated there. The pieces
 are then assembled into one array on the destination mesh without any host trip. Cutting,
 copying and joining are each one dispatch per device, for k and v together; a shard that
-moves whole is neither cut nor joined.
+moves whole is neither cut nor joined. ``move`` does the cutting and joining for any list of
+(device, box) targets: ``transfer.remote`` uses it to cut a prefix, on the prefill side,
+into the pieces each destination shard of a decode instance in another process needs.
 """
 
 from __future__ import annotations
@@ -71,23 +73,26 @@ def _joiner(boxes: tuple[Box, ...], n_arrays: int):
     return jax.jit(join)
 
 
-def reshard(arrays: tuple[jax.Array, ...], dst: NamedSharding) -> tuple[jax.Array, ...]:
-    """``arrays`` (same shape and sharding) laid out as ``dst``, device to device.
+Target = tuple[jax.Device, Box]  # where a piece goes: a device, and the box of the array it holds
+
+
+def move(arrays: tuple[jax.Array, ...], targets: Sequence[Target]) -> list[list[jax.Array]]:
+    """Each target's box of each of ``arrays`` (same shape and sharding), as a single-device
+    array on the target's device: ``out[i][j]`` is array i's box j. Device to device.
 
     Per source device one compiled call cuts every piece it sends; one batched
-    ``device_put`` moves all pieces; per destination device one compiled call joins them.
+    ``device_put`` moves all pieces; per target one compiled call joins its pieces.
     """
     x = arrays[0]
-    if x.sharding.is_equivalent_to(dst, x.ndim):
-        return arrays
     shards = [[s for s in a.addressable_shards if s.replica_id == 0] for a in arrays]
-    targets = {d: _box(i, x.shape) for d, i in dst.addressable_devices_indices_map(x.shape).items()}
-    sends = []  # (destination device, box) per piece, in the order they are cut
+    sends = []  # (array, target index, box) per piece, in the order they are cut
     pieces = []
     with jax.transfer_guard_device_to_host("disallow"):
         for k, source in enumerate(shards[0]):
             box = _box(source.index, x.shape)
-            meets = [(d, m) for d, t in targets.items() if (m := _intersect(box, t)) is not None]
+            meets = [(j, m) for j, (_, t) in enumerate(targets) if (m := _intersect(box, t)) is not None]
+            if not meets:
+                continue
             if [m for _, m in meets] == [box]:
                 # The whole shard goes to one device: no cut, so nothing waits behind whatever
                 # the source device is running (a prefill call, in a disaggregated server).
@@ -98,18 +103,33 @@ def reshard(arrays: tuple[jax.Array, ...], dst: NamedSharding) -> tuple[jax.Arra
                 )
                 cut = _cutter(cuts)(*(a[k].data for a in shards))
             for i in range(len(arrays)):
-                for j, (d, m) in enumerate(meets):
-                    sends.append((i, d, m))
-                    pieces.append(cut[i * len(meets) + j])
-        moved = jax.device_put(pieces, [d for _, d, _ in sends])
-        out = [[] for _ in arrays]
-        for device, target in targets.items():
-            mine = [(i, m, p) for (i, d, m), p in zip(sends, moved, strict=True) if d == device]
+                for n, (j, m) in enumerate(meets):
+                    sends.append((i, j, m))
+                    pieces.append(cut[i * len(meets) + n])
+        moved = jax.device_put(pieces, [targets[j][0] for _, j, _ in sends])
+        out: list[list] = [[None] * len(targets) for _ in arrays]
+        for j, (_, target) in enumerate(targets):
+            mine = [(i, m, p) for (i, t, m), p in zip(sends, moved, strict=True) if t == j]
             boxes = tuple(m for i, m, _ in mine if i == 0)
-            ordered = [p for i in range(len(arrays)) for j, m, p in mine if j == i]
+            ordered = [p for i in range(len(arrays)) for a, _, p in mine if a == i]
             joined = ordered if boxes == (target,) else _joiner(boxes, len(arrays))(*ordered)
             for i, shard in enumerate(joined):
-                out[i].append(shard)
+                out[i][j] = shard
+    return out
+
+
+def targets_of(dst: NamedSharding, shape: tuple[int, ...]) -> list[Target]:
+    """This process's devices of ``dst`` and the box of an array of ``shape`` each holds."""
+    return [(d, _box(i, shape)) for d, i in dst.addressable_devices_indices_map(shape).items()]
+
+
+def reshard(arrays: tuple[jax.Array, ...], dst: NamedSharding) -> tuple[jax.Array, ...]:
+    """``arrays`` (same shape and sharding) laid out as ``dst``, device to device: each
+    destination shard is ``move``d onto its device and the shards are assembled there."""
+    x = arrays[0]
+    if x.sharding.is_equivalent_to(dst, x.ndim):
+        return arrays
+    out = move(arrays, targets_of(dst, x.shape))
     return tuple(jax.make_array_from_single_device_arrays(x.shape, dst, o) for o in out)
 
 
