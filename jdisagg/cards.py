@@ -177,3 +177,15 @@ def open_model(card: ModelCard, dtype: str | None = None) -> LoadedModel:
         raise ValueError(f"model card {card.name}: architecture {card.architecture!r} but the weights are {cfg.arch!r}")
     logging.info("model %s: %s, %.1fM parameters, %s", card.name, cfg.arch, cfg.param_count() / 1e6, dtype)
     return LoadedModel(card, cfg.replace(dtype=dtype), tokenizer, host)
+
+
+def write_checkpoint(model_name: str, out: str, dtype: str = "float32") -> None:
+    """Writes ``model_name``'s config, weights and tokenizer as a checkpoint under ``out``
+    (what ``python -m jdisagg.convert`` does)."""
+    from jdisagg.weights.checkpoint import save_checkpoint  # it reads checkpoints for open_model too
+
+    loaded = open_model(load_card(model_name), dtype)
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    shardings = jax.tree_util.tree_map(lambda _: cpu, decoder.abstract_params(loaded.cfg))
+    params = loaded.place(shardings)
+    save_checkpoint(out, loaded.cfg, jax.tree_util.tree_map(np.asarray, params), loaded.tokenizer)

@@ -18,27 +18,12 @@ _OUT = flags.DEFINE_string("out", None, "Directory to write the checkpoint to (m
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "dtype of the saved weights.")
 
 
-def convert(model_name: str, out: str, dtype: str = "float32") -> None:
-    """Writes ``model_name``'s config, weights and tokenizer as a checkpoint under ``out``."""
-    import jax
-    import numpy as np
-
-    from jdisagg.model.decoder import decoder
-    from jdisagg.weights.checkpoint import save_checkpoint
-
-    loaded = cards.open_model(cards.load_card(model_name), dtype)
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    shardings = jax.tree_util.tree_map(lambda _: cpu, decoder.abstract_params(loaded.cfg))
-    params = loaded.place(shardings)
-    save_checkpoint(out, loaded.cfg, jax.tree_util.tree_map(np.asarray, params), loaded.tokenizer)
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1 or not _OUT.value:
         print("jdisagg.convert: error: give --model and --out", file=sys.stderr)
         sys.exit(2)
     try:
-        convert(_MODEL.value, _OUT.value, _DTYPE.value)
+        cards.write_checkpoint(_MODEL.value, _OUT.value, _DTYPE.value)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"jdisagg.convert: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from jdisagg import cards
-from jdisagg.convert import convert
+from jdisagg.cards import write_checkpoint as convert
 from jdisagg.engine import Engine
 from jdisagg.sched.params import SamplingParams
 
