@@ -3,6 +3,7 @@
     python -m jdisagg.client "Once upon a time"                    # stream the text to stdout
     python -m jdisagg.client --target host:50051 --max_tokens 16 --json "Once upon a time"
     python -m jdisagg.client --chat                                # chat: one user message per line
+    python -m jdisagg.client --root_cert cert.pem --api_key KEY "Hi"  # a server with --tls_cert and --api_key
 
 Errors print ``jdisagg.client: error: CODE: details`` and exit with 2 for INVALID_ARGUMENT and
 NOT_FOUND, 1 for any other code. The library (``Client``, ``AsyncClient``) lives in
@@ -20,6 +21,7 @@ from typing import TextIO
 import grpc
 from absl import app, flags
 
+from jdisagg.serving.access import key_from_env
 from jdisagg.serving.client import DEFAULT_TARGET, AsyncClient, Client, Completion, ResponseStream
 
 __all__ = ["AsyncClient", "Client", "Completion", "ResponseStream", "main"]
@@ -31,6 +33,9 @@ __all__ = ["AsyncClient", "Client", "Completion", "ResponseStream", "main"]
 def _define_flags() -> None:
     """The command line's flags; defined only when it runs, so importing the library defines none."""
     flags.DEFINE_string("target", DEFAULT_TARGET, "Server address, host:port.")
+    flags.DEFINE_string("api_key", None, "Bearer key of a server started with --api_key (default $JDISAGG_API_KEY).")
+    flags.DEFINE_bool("tls", False, "Connect over TLS, trusting the system's root certificates.")
+    flags.DEFINE_string("root_cert", None, "Connect over TLS, trusting this PEM certificate (e.g. the server's own).")
     flags.DEFINE_integer("max_tokens", 0, "Most tokens to generate; 0 takes the server's default (64).")
     flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
     flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
@@ -108,7 +113,8 @@ def main(argv: list[str]) -> None:
         ignore_eos=flags.FLAGS.ignore_eos,
     )
     try:
-        with Client(flags.FLAGS.target) as client:
+        secured = dict(api_key=key_from_env(flags.FLAGS.api_key), tls=flags.FLAGS.tls, root_cert=flags.FLAGS.root_cert)
+        with Client(flags.FLAGS.target, **secured) as client:
             if not flags.FLAGS.chat:
                 _print_stream(client.generate(prompt, **sampling), flags.FLAGS.json, sys.stdout)
                 return
@@ -118,7 +124,7 @@ def main(argv: list[str]) -> None:
                 messages.append({"role": "user", "content": line})
                 answer = _print_stream(client.generate(messages, **sampling), flags.FLAGS.json, sys.stdout)
                 messages.append({"role": "assistant", "content": answer})
-    except ValueError as e:  # a sampling value the request cannot hold
+    except (ValueError, OSError) as e:  # a sampling value the request cannot hold; an unreadable --root_cert
         _fail(str(e))
     except grpc.RpcError as e:
         _fail(f"{e.code().name}: {e.details()}", 2 if e.code() in _USAGE_CODES else 1)

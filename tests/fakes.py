@@ -63,12 +63,12 @@ class FakePrefill(_Controlled):
     def run(self, prompts, params):
         self._enter([list(p) for p in prompts])
         out = []
-        for p in prompts:
+        for p, sp in zip(prompts, params, strict=True):
             t = bucket_for(len(p), self.length_buckets)
             out.append(
                 FakePrefix(
                     (p[-1] + 1) % VOCAB,
-                    Logprob(-1.0, (((p[-1] + 1) % VOCAB, -1.0),)),
+                    Logprob(-1.0, (((p[-1] + 1) % VOCAB, -1.0),) * sp.logprobs),
                     len(p),
                     t,
                     8 * t,

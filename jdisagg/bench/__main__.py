@@ -2,18 +2,20 @@
 
     python -m jdisagg.bench run --target 127.0.0.1:50051 --workload chat --rates 1,2,4,8 \\
         --num_requests 200 --slo_ttft 0.25 --slo_tpot 0.1 --label disagg --out disagg.json --plots_dir plots
+    python -m jdisagg.bench run --target http://127.0.0.1:8000 --vocab_size 128256 --workload chat ...  # any OpenAI API
     python -m jdisagg.bench run --model tiny-llama --mesh cpu-tp2-pp2 --workload fixed \\
         --input_len 16 --output_len 8 --rates 20,40 --num_requests 12 --out r.json
     python -m jdisagg.bench plot disagg.json colocated.json --out fig8.png
     python -m jdisagg.bench slo colocated.json disagg.json --scales 0.5,1,2 --out slo.png --json_out slo.json
     python -m jdisagg.bench micro ...          # jdisagg.bench.micro: kernel-level timings
 
-``run`` drives an existing server (``--target``) or starts one in this process
-(``--model`` + ``--mesh``), prints one table row per rate and writes the JSON result and
-plots. ``plot`` and ``slo`` work offline on result files: ``slo`` rescores each at several
-SLO scales (both SLOs times k) from its request records and prints per-GPU goodput per scale
-and system, with each system's ratio to the first file's. Bad flags or inputs print one line
-to stderr and exit with status 2.
+``run`` drives an existing server (``--target``: ``host:port`` for jdisagg's gRPC service,
+``http://host:port`` for any OpenAI-compatible server, ``--model`` then naming one of its
+models) or starts one in this process (``--model`` + ``--mesh``), prints one table row per
+rate and writes the JSON result and plots. ``plot`` and ``slo`` work offline on result files:
+``slo`` rescores each at several SLO scales (both SLOs times k) from its request records and
+prints per-GPU goodput per scale and system, with each system's ratio to the first file's.
+Bad flags or inputs print one line to stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -56,8 +58,19 @@ def _define_flags() -> None:
     """The flags of ``run``, ``plot`` and ``slo`` (not defined for ``micro``, which has its own)."""
     from jdisagg.bench.workloads import WORKLOADS
 
-    _define(flags.DEFINE_string, "target", "", "Server to benchmark, host:port; or start one with --model and --mesh.")
-    _define(flags.DEFINE_string, "model", "", "Model card for an in-process server (with --mesh).")
+    _define(
+        flags.DEFINE_string,
+        "target",
+        "",
+        "Server to benchmark: host:port (gRPC) or http://host:port (OpenAI API); or start one with --model and --mesh.",
+    )
+    _define(
+        flags.DEFINE_string,
+        "model",
+        "",
+        "Model card for an in-process server (with --mesh); with an http:// --target, the served model to send to.",
+    )
+    _define(flags.DEFINE_string, "api_key", "", "Bearer key for --target (default $JDISAGG_API_KEY).")
     _define(flags.DEFINE_string, "mesh", "", "Mesh preset for an in-process server (with --model).")
     _define(flags.DEFINE_bool, "warm_up", True, "In-process server: compile every program shape before sending.")
     _define(flags.DEFINE_string, "workload", "chat", f"Length distribution: {', '.join(WORKLOADS)}.")
@@ -170,9 +183,10 @@ def run(args: list[str]) -> None:
     target, model, mesh, out, plots_dir = (_flag(n) for n in ("target", "model", "mesh", "out", "plots_dir"))
     if args:
         _fail(f"run takes only flags, not {args}")
-    if bool(target) == bool(model):
+    http = target.startswith(("http://", "https://"))
+    if bool(target) == bool(model) and not (http and model):
         _fail("give --target (a running server) or --model and --mesh (start one here), not both or neither")
-    if model and not mesh:
+    if model and not mesh and not target:
         _fail("--model needs --mesh")
     if target and mesh:
         _fail("--mesh goes with --model; a --target server has its own")
@@ -182,7 +196,10 @@ def run(args: list[str]) -> None:
     try:
         config.validate()
         if target:
-            result = asyncio.run(loadgen.run_benchmark(target, config))
+            from jdisagg.serving.access import key_from_env
+
+            options = dict(api_key=key_from_env(_flag("api_key")), model=model or None)
+            result = asyncio.run(loadgen.run_benchmark(target, config, **options))
         else:
             platform.enable_compilation_cache()
             with loadgen.local_server(model, mesh, warm_up=_flag("warm_up"), progress=config.progress) as local:

@@ -1,16 +1,20 @@
-"""Load generation: send a sweep of workloads to a jdisagg server and record what comes back.
+"""Load generation: send a sweep of workloads to a server and record what comes back.
 
-``run_benchmark(target, config)`` asks the server for its ModelInfo (vocabulary,
+``run_benchmark(target, config)`` talks gRPC to a jdisagg server at ``host:port``
+(``GrpcTarget``) or the OpenAI HTTP API to any server at ``http://host:port``
+(``openai_client.OpenAITarget``: jdisagg's HTTP API, vLLM, SGLang; the same requests, and
+results with the same fields). It asks the server what it serves (vocabulary,
 ``max_seq_len``, devices), builds one sweep point per rate (the same requests and the same
 arrival pattern scaled by 1/rate, see ``workloads``), and runs the points one after the
-other, lowest rate first, on one ``AsyncClient`` channel (with ``stop_below``, the
+other, lowest rate first, on one channel or connection pool (with ``stop_below``, the
 rates above a point whose attainment fell below it are skipped: past the first miss they
 cannot change the goodput, and an overloaded point takes long to drain). Within a point a dispatcher sleeps until each
 request's arrival time and starts one asyncio task per request; a task records the send
 time, the arrival time of every token (a stream message may carry several tokens: they all
 get that message's time), the FinalInfo's latency breakdown and finish reason, or the
 error's status code. A point ends when all its requests have; the next starts on an idle
-server. With ``warmup_s`` a point first sends arrivals for that long at the same rate and
+server. Over HTTP a token's time is its stream chunk's (see ``openai_client``). With
+``warmup_s`` a point first sends arrivals for that long at the same rate and
 counts only the requests that arrive after it, so the figures describe a loaded server
 rather than one filling up from idle. The result is plain JSON data
 (``stats.summarize_point`` per point, the goodput, and one record per request).
@@ -106,6 +110,17 @@ class BenchConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ServerInfo:
+    """What the benchmark needs to know of a server; 0 or "" where it does not say."""
+
+    model: str
+    mesh_preset: str
+    vocab_size: int
+    max_seq_len: int
+    gpus: int  # distinct devices over its instances
+
+
+@dataclasses.dataclass(frozen=True)
 class Point:
     """One sweep point: requests and their send times (seconds from the point's start)."""
 
@@ -116,6 +131,41 @@ class Point:
 
 
 # ---- sending --------------------------------------------------------------------------------
+
+
+class GrpcTarget:
+    """A jdisagg server's gRPC service at ``host:port``."""
+
+    def __init__(self, target: str, *, api_key: str | None = None):
+        self.target = target
+        self.client = AsyncClient(target, api_key=api_key)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def wait_until_serving(self, wait_s: float) -> ServerInfo:
+        info = await wait_until_serving(self.client, wait_s)
+        return ServerInfo(info.model_name, info.mesh_preset, info.vocab_size, info.max_seq_len, server_gpus(info))
+
+    async def tokenize(self, text: str) -> list[int]:
+        try:
+            return list((await self.client.tokenize(text)).token_ids)
+        except grpc.aio.AioRpcError as err:
+            raise ValueError(f"cannot tokenize the trace's text prompts: {err.code().name}: {err.details()}") from None
+
+    async def send(self, request: BenchRequest, t0: float, slo: Slo) -> RequestResult:
+        return await send_one(self.client, request, t0, slo)
+
+
+def connect(target: str, *, api_key: str | None = None, model: str | None = None):
+    """The target for ``target``: ``http://`` or ``https://`` -> OpenAI HTTP API, else gRPC ``host:port``."""
+    if target.startswith(("http://", "https://")):
+        from jdisagg.bench.openai_client import OpenAITarget
+
+        return OpenAITarget(target, api_key=api_key, model=model)
+    if model is not None:
+        raise ValueError("a gRPC target serves one model: --model goes with an http:// target or --mesh")
+    return GrpcTarget(target, api_key=api_key)
 
 
 async def send_one(client: AsyncClient, request: BenchRequest, t0: float, slo: Slo) -> RequestResult:
@@ -142,7 +192,7 @@ async def send_one(client: AsyncClient, request: BenchRequest, t0: float, slo: S
     return result
 
 
-async def run_point(client: AsyncClient, point: Point, slo: Slo, progress: bool = True) -> list[RequestResult]:
+async def run_point(target, point: Point, slo: Slo, progress: bool = True) -> list[RequestResult]:
     """Sends each request at its arrival time; returns the results in request order."""
     bar = tqdm(total=len(point.requests), desc=f"rate {point.rate:g}/s", disable=not progress, unit="req")
     t0 = time.perf_counter()
@@ -152,7 +202,7 @@ async def run_point(client: AsyncClient, point: Point, slo: Slo, progress: bool 
             delay = t0 + at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            task = asyncio.create_task(send_one(client, request, t0, slo))
+            task = asyncio.create_task(target.send(request, t0, slo))
             task.add_done_callback(lambda _: bar.update())
             tasks.append(task)
         return list(await asyncio.gather(*tasks))
@@ -186,8 +236,8 @@ def server_gpus(info: pb.ModelInfoResponse) -> int:
 # ---- the sweep ------------------------------------------------------------------------------
 
 
-async def plan_points(client: AsyncClient, config: BenchConfig, vocab_size: int, max_seq_len: int) -> list[Point]:
-    """The sweep points: one per rate, or one for a trace."""
+async def plan_points(target, config: BenchConfig, vocab_size: int, max_seq_len: int) -> list[Point]:
+    """The sweep points: one per rate, or one for a trace (whose text prompts ``target`` tokenizes)."""
     c = config
     if c.workload == "trace":
         entries = workloads.read_trace(c.trace)
@@ -197,12 +247,7 @@ async def plan_points(client: AsyncClient, config: BenchConfig, vocab_size: int,
             entries = entries[: c.num_requests]
         ids = []
         for e in entries:  # the server's tokenizer counts a text prompt's tokens
-            try:
-                ids.append(None if e.prompt is None else list((await client.tokenize(e.prompt)).token_ids))
-            except grpc.aio.AioRpcError as err:
-                raise ValueError(
-                    f"cannot tokenize the trace's text prompts: {err.code().name}: {err.details()}"
-                ) from None
+            ids.append(None if e.prompt is None else await target.tokenize(e.prompt))
         requests = workloads.trace_requests(entries, ids, c.seed, vocab_size, max_seq_len)
         arrivals = workloads.trace_arrivals(entries, c.trace_speed)
         span = float(arrivals[-1])
@@ -219,31 +264,40 @@ async def plan_points(client: AsyncClient, config: BenchConfig, vocab_size: int,
     return [Point(r, requests[: len(s)], s.tolist(), c.warmup_s) for r, s in zip(c.rates, schedules, strict=True)]
 
 
-async def run_benchmark(target: str, config: BenchConfig) -> dict:
-    """Runs the sweep against ``target`` and returns the result as plain JSON data."""
+async def run_benchmark(
+    target: str, config: BenchConfig, *, api_key: str | None = None, model: str | None = None
+) -> dict:
+    """Runs the sweep against ``target`` (``host:port`` for gRPC, ``http://host:port`` for the
+    OpenAI API; ``model`` picks one of an HTTP server's models) and returns the result as plain JSON data."""
     config.validate()
-    async with AsyncClient(target) as client:
-        info = await wait_until_serving(client, config.wait_s)
+    server = connect(target, api_key=api_key, model=model)
+    try:
+        info = await server.wait_until_serving(config.wait_s)
         vocab_size = config.vocab_size or info.vocab_size
-        gpus = config.gpus or server_gpus(info) or 1
-        points = sorted(await plan_points(client, config, vocab_size, info.max_seq_len), key=lambda p: p.rate)
+        if not vocab_size:
+            raise ValueError(f"the server at {target} does not report its vocabulary size: give --vocab_size")
+        max_seq_len = info.max_seq_len or UNLIMITED
+        gpus = config.gpus or info.gpus or 1
+        points = sorted(await plan_points(server, config, vocab_size, max_seq_len), key=lambda p: p.rate)
         summaries, skipped = [], []
         for point in points:
             if summaries and summaries[-1]["attainment"] < config.stop_below:
                 skipped.append(point.rate)
                 continue
-            results = await run_point(client, point, config.slo, config.progress)
+            results = await run_point(server, point, config.slo, config.progress)
             counted = measured(point, results)
             summary = stats.summarize_point(point.rate, counted, config.slo, gpus)
             summary["warmup_requests"] = len(results) - len(counted)
             summary["requests"] = [stats.request_record(r, config.slo) for r in counted]
             summaries.append(summary)
+    finally:
+        await server.close()
     good = stats.goodput([s["rate"] for s in summaries], [s["attainment"] for s in summaries], config.target_attainment)
     options = dict(input_len=config.input_len, output_len=config.output_len) if config.workload == "fixed" else {}
     if config.workload == "trace":
         options = dict(trace=config.trace, trace_speed=config.trace_speed)
     return {
-        "label": config.label or info.mesh_preset,
+        "label": config.label or info.mesh_preset or info.model,
         "workload": config.workload,
         "workload_options": options,
         "cv": config.cv,
@@ -255,15 +309,19 @@ async def run_benchmark(target: str, config: BenchConfig) -> dict:
         "gpus": gpus,
         "server": {
             "target": target,
-            "model": info.model_name,
+            "api": "openai" if target.startswith(("http://", "https://")) else "grpc",
+            "model": info.model,
             "mesh_preset": info.mesh_preset,
-            "vocab_size": info.vocab_size,
+            "vocab_size": vocab_size,
             "max_seq_len": info.max_seq_len,
         },
         "goodput": good.record(gpus),
         "points": summaries,
         "skipped_rates": skipped,
     }
+
+
+UNLIMITED = 2**31 - 1  # max_seq_len of a server that does not report one: nothing is clipped
 
 
 @contextlib.contextmanager

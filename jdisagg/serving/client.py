@@ -16,6 +16,10 @@ A prompt is text (``str``), token ids (``list[int]``) or chat messages (``list[d
 block, ``close()`` or ``cancel()`` before the end cancels the request on the server, and so
 does dropping the stream. A failed call raises ``grpc.RpcError`` (``grpc.aio.AioRpcError``)
 with the server's status code.
+
+For a server started with ``--api_key`` pass ``api_key=`` (sent as ``authorization: Bearer
+KEY``); for one with ``--tls_cert`` pass ``tls=True`` (system roots) or ``root_cert=`` (a PEM
+file, e.g. the server's own self-signed certificate).
 """
 
 from __future__ import annotations
@@ -217,18 +221,45 @@ _HEALTH_REQUEST = health_pb2.HealthCheckRequest(service="")  # "": the server as
 # ---- clients --------------------------------------------------------------------------------
 
 
-class Client:
-    """A blocking client on one channel; ``timeout`` (seconds) bounds every call, a whole stream included."""
+def _credentials(tls: bool, root_cert: str | None) -> grpc.ChannelCredentials | None:
+    """TLS credentials (None: plaintext); ``root_cert`` is a PEM file of trusted roots."""
+    if not (tls or root_cert):
+        return None
+    roots = None
+    if root_cert:
+        with open(root_cert, "rb") as f:
+            roots = f.read()
+    return grpc.ssl_channel_credentials(root_certificates=roots)
 
-    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None):
+
+def _call_options(timeout: float | None, api_key: str | None) -> dict:
+    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+    return dict(timeout=timeout, metadata=metadata)
+
+
+class Client:
+    """A blocking client on one channel; ``timeout`` (seconds) bounds every call, a whole stream
+    included; ``api_key``, ``tls`` and ``root_cert`` are for secured servers (module docstring)."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        timeout: float | None = None,
+        *,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_cert: str | None = None,
+    ):
         self.target, self.timeout = target, timeout
-        self._channel = grpc.insecure_channel(target)
+        credentials = _credentials(tls, root_cert)
+        self._channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._options = _call_options(timeout, api_key)
 
     def generate(self, prompt: Prompt, **sampling) -> ResponseStream:
         """Streams the output of one request; ``sampling`` takes make_request's keywords."""
-        return ResponseStream(self._stub.Generate(make_request(prompt, **sampling), timeout=self.timeout))
+        return ResponseStream(self._stub.Generate(make_request(prompt, **sampling), **self._options))
 
     def complete(self, prompt: Prompt, **sampling) -> Completion:
         """Runs one request to the end and returns all its output."""
@@ -240,10 +271,10 @@ class Client:
 
     def tokenize(self, prompt: str | Messages, add_special_tokens: bool = True) -> pb.TokenizeResponse:
         """Token ids (and their vocabulary entries) of text or chat messages, as Generate sees them."""
-        return self._stub.Tokenize(make_tokenize_request(prompt, add_special_tokens), timeout=self.timeout)
+        return self._stub.Tokenize(make_tokenize_request(prompt, add_special_tokens), **self._options)
 
     def model_info(self) -> pb.ModelInfoResponse:
-        return self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout)
+        return self._stub.ModelInfo(pb.ModelInfoRequest(), **self._options)
 
     def health(self) -> str:
         """The server's grpc.health.v1 status: "SERVING", "NOT_SERVING", ..."""
@@ -262,15 +293,26 @@ class Client:
 class AsyncClient:
     """Client's methods as coroutines on a ``grpc.aio`` channel; create it in the event loop that uses it."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None):
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        timeout: float | None = None,
+        *,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_cert: str | None = None,
+    ):
         self.target, self.timeout = target, timeout
-        self._channel = grpc.aio.insecure_channel(target)
+        credentials = _credentials(tls, root_cert)
+        aio = grpc.aio
+        self._channel = aio.secure_channel(target, credentials) if credentials else aio.insecure_channel(target)
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._options = _call_options(timeout, api_key)
 
     def generate(self, prompt: Prompt, **sampling) -> AsyncResponseStream:
         """Streams the output of one request (``async for``); ``sampling`` takes make_request's keywords."""
-        return AsyncResponseStream(self._stub.Generate(make_request(prompt, **sampling), timeout=self.timeout))
+        return AsyncResponseStream(self._stub.Generate(make_request(prompt, **sampling), **self._options))
 
     async def complete(self, prompt: Prompt, **sampling) -> Completion:
         completion = Completion()
@@ -280,10 +322,10 @@ class AsyncClient:
         return completion.check()
 
     async def tokenize(self, prompt: str | Messages, add_special_tokens: bool = True) -> pb.TokenizeResponse:
-        return await self._stub.Tokenize(make_tokenize_request(prompt, add_special_tokens), timeout=self.timeout)
+        return await self._stub.Tokenize(make_tokenize_request(prompt, add_special_tokens), **self._options)
 
     async def model_info(self) -> pb.ModelInfoResponse:
-        return await self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout)
+        return await self._stub.ModelInfo(pb.ModelInfoRequest(), **self._options)
 
     async def health(self) -> str:
         return _health_name(await self._health.Check(_HEALTH_REQUEST, timeout=self.timeout))
