@@ -278,8 +278,8 @@ class Server:
     async def run(self, request: Request):
         """Submits ``request`` and yields its ``Output``s (merged into one when the consumer is
         behind); the last has ``finished``. A consumer that stops early (the client went away)
-        cancels the request. Raises ``Rejected`` (INTERNAL, CANCELLED) for a request that
-        ended without finishing."""
+        cancels the request. Raises ``Rejected`` (INTERNAL, or the request's ``error_code``;
+        CANCELLED) for a request that ended without finishing."""
         outputs: asyncio.Queue[Output] = asyncio.Queue()
         request.listener = lambda out: self.loop.call_soon_threadsafe(outputs.put_nowait, out)
         self.inflight += 1
@@ -294,7 +294,8 @@ class Server:
                     )
                 if out.finished and request.error:
                     self.metrics.finished.labels("error").inc()
-                    raise Rejected(grpc.StatusCode.INTERNAL, request.error)
+                    code = grpc.StatusCode[request.error_code] if request.error_code else grpc.StatusCode.INTERNAL
+                    raise Rejected(code, request.error)
                 if out.finished and request.finish_reason == "cancelled":
                     self.metrics.finished.labels("cancelled").inc()
                     raise Rejected(grpc.StatusCode.CANCELLED, "the request was cancelled")
