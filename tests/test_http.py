@@ -40,6 +40,7 @@ class HttpServed:
         scheme = "https" if self.server.access.tls else "http"
         self.url = f"{scheme}://127.0.0.1:{self.server.http.port}"
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=30)
+        self.context = None  # an ssl.SSLContext for get and post to an https server
 
     def post(self, path: str, body, headers=None) -> tuple[int, dict]:
         """POSTs ``body`` (bytes as they are, anything else as JSON) without a client library."""
@@ -49,7 +50,7 @@ class HttpServed:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         request = urllib.request.Request(self.url + path, data=data, headers=headers or {}, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=30) as r:
+            with urllib.request.urlopen(request, timeout=30, context=self.context) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
@@ -59,9 +60,8 @@ class HttpServed:
         import urllib.request
 
         try:
-            with urllib.request.urlopen(
-                urllib.request.Request(self.url + path, headers=headers or {}), timeout=30
-            ) as r:
+            request = urllib.request.Request(self.url + path, headers=headers or {})
+            with urllib.request.urlopen(request, timeout=30, context=self.context) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
