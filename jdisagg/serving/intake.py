@@ -70,7 +70,9 @@ class Intake:
             raise ValueError("chat has no messages")
         for i, m in enumerate(messages):
             if m.get("role") not in CHAT_ROLES:
-                raise ValueError(f"messages[{i}].role is {m.get('role')!r}; a role is one of {', '.join(CHAT_ROLES)}")
+                raise ValueError(
+                    f"messages[{i}].role is {m.get('role')!r:.80}; a role is one of {', '.join(CHAT_ROLES)}"
+                )
             if not isinstance(m.get("content"), str):
                 raise ValueError(f"messages[{i}].content must be a string")
         self._check_bytes(sum(_utf8_len(m["content"]) for m in messages), "chat")
@@ -124,5 +126,9 @@ def check_request_id(request_id: str) -> None:
 
 
 def _utf8_len(text: str) -> int:
-    """UTF-8 bytes of ``text`` (at least its characters, so long texts are refused without encoding them)."""
-    return len(text.encode("utf-8", "surrogatepass"))
+    """UTF-8 bytes of ``text``; ValueError for a text that has none (a lone surrogate, which a
+    Python caller can pass and a tokenizer would fail on)."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the text is not valid Unicode: {e.reason} at character {e.start}") from None
