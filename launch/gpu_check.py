@@ -1,7 +1,8 @@
 """Checks jdisagg on a GPU (or TPU) host: greedy tokens of disaggregated layouts equal a
-single-device run, with the KV transfer under ``jax.transfer_guard_device_to_host("disallow")``
-(always on inside ``kv_transfer.reshard``), and a bf16 Llama-3-8B-shaped model generating on
-the largest layout the host allows.
+single-device run whose prompts attend by XLA's einsums (so the layouts' flash prefill kernel,
+on GPUs, is checked against them), with the KV transfer under
+``jax.transfer_guard_device_to_host("disallow")`` (always on inside ``kv_transfer.reshard``),
+and a bf16 Llama-3-8B-shaped model generating on the largest layout the host allows.
 
     python launch/gpu_check.py
 """
@@ -16,6 +17,7 @@ import jax
 import numpy as np
 
 from jdisagg.engine import Engine
+from jdisagg.model import attention
 from jdisagg.sched.params import SamplingParams
 
 LAYOUTS = {
@@ -57,18 +59,23 @@ def main() -> None:
     prompts = [rng.integers(3, 256, k).tolist() for k in (5, 17, 33, 9)]
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for model in ("tiny-llama", "tiny-opt"):
-            reference = None
-            for name, (needs, body) in LAYOUTS.items():
-                if needs > n:
-                    continue
+        # tiny-llama's head dim (8) is below the flash kernel's 16: smollm2-135m's (64) is not.
+        for model in ("tiny-llama", "tiny-opt", "smollm2-135m"):
+
+            def run(name: str, body: str, model: str = model) -> list[list[int]]:
                 engine = Engine(
                     model, preset_file(body, Path(tmp), name), dtype="float32", warm_up=False, progress=False
                 )
-                tokens = [c.tokens for c in engine.generate(prompts, params)]
-                reference = reference or tokens
-                print(f"{model:10s} {name:30s} equal to single device: {tokens == reference}")
-        name = "prefill tp=2 -> decode pp=2" if n >= 4 else "prefill[0] -> decode[1]"
+                return [c.tokens for c in engine.generate(prompts, params)]
+
+            attention.PROMPT_ATTENTION = "xla"
+            reference = run("single", LAYOUTS["single"][1])
+            attention.PROMPT_ATTENTION = "auto"
+            for name, (needs, body) in LAYOUTS.items():
+                if needs <= n:
+                    tokens = run(name, body)
+                    print(f"{model:12s} {name:30s} equal to single device: {tokens == reference}")
+        name = "prefill tp=2 -> decode pp=2" if n >= 4 else "prefill[0] -> decode[1]" if n >= 2 else "single"
         start = time.perf_counter()
         engine = Engine(
             "llama3-8b", preset_file(LAYOUTS[name][1], Path(tmp), "big", 2048), warm_up=False, progress=False

@@ -21,11 +21,16 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jdisagg.model import paged_kernel
+from jdisagg.model import flash_kernel, paged_kernel
 from jdisagg.model.config import ModelConfig
 
 NULL_PAGE = 0
 _MASKED = -1e30  # finite, so fully masked (padding) rows give garbage, never NaN
+# How prompt rows (PromptKV) attend: "auto" runs the flash kernel (jdisagg.model.flash_kernel)
+# on a GPU instance of one device and XLA's einsums elsewhere; "kernel" runs the kernel on any
+# instance of one device (interpreted off GPUs: tests), "xla" the einsums everywhere. Shapes
+# the kernel does not take use the einsums. ``prompt_kernel`` is the one place that reads it.
+PROMPT_ATTENTION = "auto"
 
 
 def causal_mask(q_pos_bt: jax.Array, k_pos_bs: jax.Array) -> jax.Array:
@@ -45,6 +50,23 @@ def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: ja
     return out_btkgh.reshape(b, t, n, h)
 
 
+def prompt_kernel(n_devices: int) -> bool:
+    """Whether prompt rows of an instance of ``n_devices`` attend with the flash kernel (a
+    Pallas call does not split over a mesh: sharded instances use the einsums)."""
+    if PROMPT_ATTENTION == "xla" or n_devices > 1:
+        return False
+    return PROMPT_ATTENTION == "kernel" or jax.default_backend() == "gpu"
+
+
+def prompt_attention(q_btnh, k_btkh, v_btkh, pos_bt, segment_bt, *, kernel: bool) -> jax.Array:
+    """Causal attention of each token over the earlier tokens of its own segment (padding:
+    position -1): the flash kernel where ``kernel`` and the shapes allow, else einsums."""
+    if kernel and flash_kernel.supported(q_btnh):
+        return flash_kernel.attention(q_btnh, k_btkh, v_btkh, pos_bt, segment_bt)
+    same = segment_bt[:, :, None] == segment_bt[:, None, :]
+    return attend(q_btnh, k_btkh, v_btkh, causal_mask(pos_bt, pos_bt) & same)
+
+
 @struct.dataclass
 class PromptKV:
     """Prefill cache: the prompts' own k and v, kept per layer as their prefix KV.
@@ -56,19 +78,29 @@ class PromptKV:
     k: jax.Array  # [L, B, T, K, H]
     v: jax.Array  # [L, B, T, K, H]
     segment_bt: jax.Array  # [B, T] int32
+    kernel: bool = struct.field(pytree_node=False, default=False)  # attend with the flash kernel
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, batch: int, length: int, segment_bt: jax.Array | None = None) -> PromptKV:
-        """Zero buffers; one prompt per row unless ``segment_bt`` is given."""
+    def empty(
+        cls,
+        cfg: ModelConfig,
+        batch: int,
+        length: int,
+        segment_bt: jax.Array | None = None,
+        *,
+        kernel: bool | None = None,
+    ) -> PromptKV:
+        """Zero buffers; one prompt per row unless ``segment_bt`` is given. ``kernel``: None
+        asks ``prompt_kernel`` for an instance of one device."""
         shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
         if segment_bt is None:
             segment_bt = jnp.zeros((batch, length), jnp.int32)
-        return cls(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype), segment_bt)
+        kernel = prompt_kernel(1) if kernel is None else kernel
+        return cls(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype), segment_bt, kernel)
 
     def attend(self, layer, q_btnh, k_btkh, v_btkh, pos_bt):
         kv = self.replace(k=self.k.at[layer].set(k_btkh), v=self.v.at[layer].set(v_btkh))
-        same = self.segment_bt[:, :, None] == self.segment_bt[:, None, :]
-        return attend(q_btnh, k_btkh, v_btkh, causal_mask(pos_bt, pos_bt) & same), kv
+        return prompt_attention(q_btnh, k_btkh, v_btkh, pos_bt, self.segment_bt, kernel=self.kernel), kv
 
 
 @struct.dataclass

@@ -23,7 +23,12 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-PAGES_PER_BLOCK = 8  # pages read per loop step (8 x 16 = 128 tokens)
+# Tuned on an H200 (Llama-3-8B, B = 256, context 2047; BENCHMARKS.md): 4 pages per step with 3
+# pipeline stages read the pages at 2.5 TB/s, 8 pages with 2 stages at 2.25. Read at each call,
+# so a benchmark may set them.
+PAGES_PER_BLOCK = 4  # pages read per loop step (4 x 16 = 64 tokens)
+NUM_WARPS = 4
+NUM_STAGES = 3
 _MIN_ROWS = 16  # matmul tiles need 16 rows: a KV head's query group is padded to this
 _MASKED = -1e30
 
@@ -67,27 +72,34 @@ def decode_attention(
     layer: jax.Array,
     page_table: jax.Array,
     lengths_b: jax.Array,
+    *,
+    pages_per_block: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> jax.Array:
     """Attention of one query token per row over its first ``lengths_b`` positions.
 
     q_bnh: [B, N, H], pre-scaled; k_pages, v_pages: [L, P, Z, K, H]; layer: int32 scalar;
     page_table: [B, P_max] (pages of ``layer``); lengths_b: [B] int32 (0 for padding rows).
     Returns [B, N, H]. Softmax in float32, the probabilities rounded to the values' dtype
-    before they weight the values (as ``attention.attend``).
+    before they weight the values (as ``attention.attend``). The tuning arguments default to
+    the module's ``PAGES_PER_BLOCK``, ``NUM_WARPS`` and ``NUM_STAGES``.
     """
+    pages_per_block = pages_per_block or PAGES_PER_BLOCK
+    num_warps, num_stages = num_warps or NUM_WARPS, num_stages or NUM_STAGES
     b, n, h = q_bnh.shape
     n_layers, n_pages, z, k, _ = k_pages.shape
     g = n // k
     rows = max(_MIN_ROWS, g)
     q_bkgh = jnp.pad(q_bnh.reshape(b, k, g, h), ((0, 0), (0, 0), (0, rows - g), (0, 0)))
-    width = -(-page_table.shape[1] // PAGES_PER_BLOCK) * PAGES_PER_BLOCK
+    width = -(-page_table.shape[1] // pages_per_block) * pages_per_block
     table_bp = jnp.pad(page_table, ((0, 0), (0, width - page_table.shape[1])))  # pads with page 0
     table_bp = (table_bp + layer * n_pages).astype(jnp.int32)  # page ids in the [L * P, ...] view
     pool_shape = (n_layers * n_pages, z, k, h)
     per_head = pl.BlockSpec((None, None, rows, h), lambda i, j: (i, j, 0, 0))
     pool = pl.BlockSpec((n_layers * n_pages, z, None, h), lambda i, j: (0, 0, j, 0))
     out = pl.pallas_call(
-        functools.partial(_kernel, pages_per_block=PAGES_PER_BLOCK),
+        functools.partial(_kernel, pages_per_block=pages_per_block),
         grid=(b, k),
         in_specs=[
             per_head,
@@ -99,7 +111,7 @@ def decode_attention(
         out_specs=per_head,
         out_shape=jax.ShapeDtypeStruct(q_bkgh.shape, q_bnh.dtype),
         interpret=_interpret(),
-        compiler_params=_compiler_params(),
+        compiler_params=_compiler_params(num_warps, num_stages),
         name="jdisagg_paged_decode_attention",
     )(
         q_bkgh,
@@ -116,9 +128,9 @@ def _interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
-def _compiler_params():
+def _compiler_params(num_warps: int, num_stages: int):
     if _interpret():
         return None
     from jax.experimental.pallas import triton as plgpu
 
-    return plgpu.CompilerParams(num_warps=4, num_stages=2)
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)

@@ -28,7 +28,7 @@ from jdisagg.model.config import ModelConfig
 from jdisagg.model.decoder import forward_layers
 from jdisagg.model.sampler import Sampled, SamplingArrays, sample
 from jdisagg.runtime.buckets import bucket_for, powers_of_two
-from jdisagg.runtime.compile import Program
+from jdisagg.runtime.compile import XLA_OPTIONS, Program
 from jdisagg.sched.pages import pages_for
 from jdisagg.sched.params import SamplingParams
 
@@ -218,12 +218,14 @@ class DecodeRunner:
             ),
             donate_argnums=(1, 2),
             out_shardings=(replicated, self.pages_sharding, self.pages_sharding),
+            compiler_options=XLA_OPTIONS,
         )
         self._insert = jax.jit(insert_prefix, donate_argnums=(0, 1), out_shardings=(self.pages_sharding,) * 2)
         self._mixed = jax.jit(
             functools.partial(mixed_step, cfg, unroll=unroll, decode_attention=decode_attention),
             donate_argnums=(1, 2),
             out_shardings=(replicated, self.pages_sharding, self.pages_sharding),
+            compiler_options=XLA_OPTIONS,
         )
 
     def insert(self, k_ltkh: jax.Array, v_ltkh: jax.Array, pages: list[int]) -> None:

@@ -20,13 +20,13 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from jdisagg.model import axes, decoder, sharding
+from jdisagg.model import attention, axes, decoder, sharding
 from jdisagg.model.attention import PromptKV
 from jdisagg.model.config import ModelConfig
 from jdisagg.model.decoder import forward_layers
 from jdisagg.model.sampler import SamplingArrays, sample
 from jdisagg.runtime.buckets import bucket_for, token_buckets
-from jdisagg.runtime.compile import Program
+from jdisagg.runtime.compile import XLA_OPTIONS, Program
 from jdisagg.sched.params import Logprob, SamplingParams
 
 
@@ -40,14 +40,16 @@ def prefill_step(
     s: SamplingArrays,
     *,
     unroll: bool,
+    kernel: bool = False,
 ):
     """Prefills prompts packed into one row: token i is at position ``pos_1n[0, i]`` of prompt
     ``segment_1n[0, i]`` (padding: position -1). ``last_s`` indexes each prompt's last token
     (S rows, padding rows index 0). Returns the first sampled token of each prompt
-    (``Sampled``, [S]) and the row's KV [L, 1, N, K, H] x 2."""
+    (``Sampled``, [S]) and the row's KV [L, 1, N, K, H] x 2. ``kernel``: attention by the
+    flash kernel (``attention.prompt_kernel``)."""
     n = tokens_1n.shape[1]
     x_1nd = decoder.embed(cfg, params, tokens_1n, pos_1n)
-    empty = PromptKV.empty(cfg, 1, n, segment_1n)
+    empty = PromptKV.empty(cfg, 1, n, segment_1n, kernel=kernel)
     x_1nd, kv = forward_layers(cfg, params["layers"], x_1nd, pos_1n, empty, unroll=unroll)
     first = sample(decoder.logits(cfg, params, x_1nd[0, last_s]), s, pos_1n[0, last_s] + 1)
     return first, kv.k, kv.v
@@ -110,8 +112,9 @@ class PrefillRunner:
         prefix_sharding = sharding.named_sharding(mesh, axes.PREFIX_AXES, rules)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self._step = jax.jit(
-            functools.partial(prefill_step, cfg, unroll=unroll),
+            functools.partial(prefill_step, cfg, unroll=unroll, kernel=attention.prompt_kernel(mesh.size)),
             out_shardings=(replicated, kv_sharding, kv_sharding),
+            compiler_options=XLA_OPTIONS,
         )
         # One small program per (row bucket, prefix bucket), compiled in warm-up.
         self._cut = jax.jit(cut_prefix, static_argnames="length", out_shardings=(prefix_sharding, prefix_sharding))
