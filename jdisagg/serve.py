@@ -7,6 +7,10 @@ program shape), then serves. SIGTERM or Ctrl-C drains: no new requests, in-fligh
 finish, then the process exits. Prometheus metrics are on ``--metrics_port``. ``--api_key``
 (or ``$JDISAGG_API_KEY``) makes both protocols require ``authorization: Bearer KEY``;
 ``--tls_cert`` and ``--tls_key`` make both speak TLS only.
+
+``--role`` runs one process of a deployment whose instances are processes of their own
+(a router, one prefill or decode instance, or a whole preset on this host: ``--role local``);
+see ``jdisagg/serving/roles.py``. The default, ``single``, serves every instance in this process.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import threading
 from absl import app, flags, logging
 
 from jdisagg import cards, platform
+from jdisagg.serving import roles
 
 _MODEL = flags.DEFINE_string("model", cards.DEFAULT_MODEL, "Model card name (models/), card file, .gguf, or directory.")
 _MESH = flags.DEFINE_string("mesh", "cpu", "Mesh preset name (meshes/) or .toml file.")
@@ -42,10 +47,8 @@ def main(argv: list[str]) -> None:
     from jdisagg.serving.access import Access, key_from_env
     from jdisagg.serving.server import Server
 
-    try:
-        access = Access(key_from_env(_API_KEY.value), _TLS_CERT.value, _TLS_KEY.value)
-        engine = Engine(_MODEL.value, _MESH.value, dtype=_DTYPE.value, warm_up=False)
-        server = Server(
+    def make_server(engine) -> Server:  # an Engine, or a router's Cluster of instance processes
+        return Server(
             engine,
             host=_HOST.value,
             port=_PORT.value,
@@ -53,6 +56,14 @@ def main(argv: list[str]) -> None:
             http_port=_HTTP_PORT.value,
             access=access,
         )
+
+    try:
+        access = Access(key_from_env(_API_KEY.value), _TLS_CERT.value, _TLS_KEY.value)
+        if roles.ROLE.value != "single":
+            common = dict(host=_HOST.value, metrics_port=_METRICS_PORT.value, drain_timeout=_DRAIN_TIMEOUT.value)
+            return roles.main(model=_MODEL.value, mesh=_MESH.value, dtype=_DTYPE.value, server=make_server, **common)
+        engine = Engine(_MODEL.value, _MESH.value, dtype=_DTYPE.value, warm_up=False)
+        server = make_server(engine)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:  # OSError: unreadable TLS files
         print(f"jdisagg.serve: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates jdisagg_pb2.py, jdisagg_pb2.pyi and jdisagg_pb2_grpc.py from jdisagg.proto.
+# Regenerates the stubs (*_pb2.py, *_pb2.pyi, *_pb2_grpc.py) of jdisagg.proto (the public API)
+# and internal.proto (the router <-> instance control plane).
 #
 #     jdisagg/proto/regenerate.sh
 #
@@ -25,4 +26,4 @@ if [[ "$installed" != "$GRPCIO_TOOLS_VERSION" ]]; then
 fi
 "$venv/bin/python" -m grpc_tools.protoc -I . \
   --python_out=. --pyi_out=. --grpc_python_out=. \
-  jdisagg/proto/jdisagg.proto
+  jdisagg/proto/jdisagg.proto jdisagg/proto/internal.proto

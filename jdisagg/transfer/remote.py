@@ -149,6 +149,16 @@ def _home(x: jax.Array, box: Box) -> jax.Device:
     return max(x.addressable_shards, key=overlap).device
 
 
+def cut(k: jax.Array, v: jax.Array, parts: Sequence[Sequence[Box]]) -> list[list[jax.Array]]:
+    """Prefill side: ``k`` and ``v`` cut into the boxes of each destination part, on this
+    process's devices: per part, its k pieces then its v pieces."""
+    out = []
+    for boxes in parts:
+        ks, vs = move((k, v), [(_home(k, box), box) for box in boxes])
+        out.append([*ks, *vs])
+    return out
+
+
 def stage(
     server: TransferServer,
     uuid: int,
@@ -158,13 +168,10 @@ def stage(
     timeout_s: float,
     checksum: bool = False,
 ) -> list[int]:
-    """Prefill side: cuts ``k`` and ``v`` into the boxes of each destination part and offers
-    part p's pieces (its k pieces, then its v pieces) as ``uuid + p``. Returns each part's
-    checksum (0s without ``checksum``)."""
+    """Prefill side: ``cut``s the prefix and offers part p's pieces as ``uuid + p``. Returns
+    each part's checksum (0s without ``checksum``)."""
     sums = []
-    for p, boxes in enumerate(parts):
-        ks, vs = move((k, v), [(_home(k, box), box) for box in boxes])
-        pieces = [*ks, *vs]
+    for p, pieces in enumerate(cut(k, v, parts)):
         server.offer(uuid + p, pieces, timeout_s)
         sums.append(kv_checksum(pieces) if checksum else 0)
     return sums
