@@ -50,7 +50,7 @@ from jdisagg.sched.params import SamplingParams
 from jdisagg.transfer.reshard import InProcess
 
 DECODE_BATCHES = (1, 8, 16, 32, 64, 100, 128, 192, 256)
-DECODE_CONTEXTS = (100, 500, 1000, 2000)
+DECODE_CONTEXTS = (16, 100, 500, 1000, 2000)
 CPU_MEMORY = 2 * 2**30  # memory per device recorded for CPU profiles (no device statistics there)
 
 
@@ -122,16 +122,16 @@ def _weight_bytes(params, device) -> int:
 def prefill_grid(buckets: tuple[int, ...], budget: int, max_prompts: int, quick: bool) -> list[list[int]]:
     """Prompt sets of one call each: singles, packs of equal prompts, chat-like FCFS batches."""
     longest = buckets[-1]
-    singles = sorted({*buckets, *(int(b * 0.8) for b in buckets if b > 64)})
+    singles = sorted({*buckets, *(int(b * 0.8) for b in buckets if b > 64 and not quick)})
     grid = [[n] for n in singles]
-    for n in buckets[: 2 if quick else 4]:
-        for k in (2, 4, 8, 16):
+    for n in buckets[: 1 if quick else 4]:
+        for k in (2, 4) if quick else (2, 4, 8, 16):
             if k <= max_prompts and k * n <= budget:
                 grid.append([n] * k)
     if budget > longest:
         grid.append([longest] * (budget // longest))
     rng = np.random.default_rng(0)
-    for _ in range(2 if quick else 6):
+    for _ in range(1 if quick else 6):
         batch, total = [], 0
         for i, _o in workloads.sample_chat(64, rng):
             i = min(i, longest)
@@ -149,7 +149,8 @@ def decode_grid(max_batch: int, max_seq_len: int, quick: bool) -> list[tuple[int
         batches.append(max_batch)
     contexts = sorted({min(c, max_seq_len - 2) for c in DECODE_CONTEXTS})
     if quick:
-        batches, contexts = batches[:: max(1, len(batches) // 4)], contexts[::2]
+        batches = sorted({batches[0], batches[len(batches) // 2], batches[-1]})
+        contexts = sorted({contexts[0], contexts[-1]})
     return [(b, s) for s in contexts for b in batches]
 
 
@@ -236,9 +237,13 @@ class Profiler:
             points["prefill"] = self.prefill_points(runner)
             fits["prefill"] = latency.fit("prefill", points["prefill"])
             L_m = l_m(fits["prefill"], runner.token_buckets, self.buckets)
+            # Scratch of the largest row and of the row the base preset's budget ends at (what
+            # colocated instances keep beside their pool): the compiles hit the persistent cache.
+            base = next((i.token_budget for i in self.preset.instances if i.runs_prefill), 2048)
+            wanted = {runner.token_buckets[-1], bucket_for(min(base, self.budget), runner.token_buckets)}
             for p in runner.programs():
                 n = int(p.label.split("=")[1])
-                if n in (runner.token_buckets[-1], bucket_for(min(2048, n), runner.token_buckets)):
+                if n in wanted:
                     scratch[n] = p.jitted.lower(*p.args).compile().memory_analysis().temp_size_in_bytes
             del runner
         attention = s.decode_attention if tp * pp == 1 and self.platform == "gpu" else "dot"
@@ -314,8 +319,9 @@ class Profiler:
         c = runner.chunk_tokens
         widths = width_buckets(preset)
         batches = [b for b in (1, 16, 64, runner.batch_buckets[-1]) if b <= runner.batch_buckets[-1]]
-        starts = sorted({0, min(1024, self.serving.max_seq_len - c - 1)})
-        contexts = [100, min(1500, self.serving.max_seq_len - 2)]
+        top = self.serving.max_seq_len - 2
+        starts = sorted({0, max(0, min(1024, top - c))})
+        contexts = sorted({min(100, top), min(1500, top)})
         for b in batches[:: 2 if self.o.quick else 1]:
             for ctx in contexts:
                 for start in starts:

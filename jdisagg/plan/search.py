@@ -150,6 +150,7 @@ class Plan:
     dropped: list[str]  # layouts that do not fit memory, with why
     seconds: float = 0.0
     simulations: int = 0
+    servers: int = 1  # servers that each run ``preset`` (one per node with low affinity)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -418,11 +419,32 @@ def search(profile: Profile, target: Target, *, jobs: int = 0, top: int = 2, pro
             f"{target.rate:g} req/s needs {best.copies * best.gpus} GPUs with the best placement "
             f"({best.layout.name}, {best.rate:.3g} req/s per copy); {target.gpus} given"
         )
-    preset = preset_out.make_preset(profile, best.layout, best.copies, target.gpus_per_node)
-    toml = preset_out.to_toml(preset, preset_out.header(profile, target, best, best.copies, aff))
+    # Low affinity over several nodes: every node serves on its own (one server per node, its
+    # own scheduler), so no prefix leaves its node; the preset is one node's.
+    servers = 1
+    per_server = best.copies
+    if aff == "low" and best.copies * best.gpus > target.gpus_per_node:
+        per_server = max(1, target.gpus_per_node // best.gpus)
+        servers = math.ceil(best.copies / per_server)
+    preset = preset_out.make_preset(profile, best.layout, per_server, target.gpus_per_node)
+    lines = preset_out.header(profile, target, best, best.copies, aff)
+    if servers > 1:
+        lines.append(f"One node of {servers}: run one server per node with this preset, behind a router.")
+    toml = preset_out.to_toml(preset, lines)
     seconds = time.perf_counter() - start
     return Plan(
-        ranked, best, best.copies, best.copies * best.gpus, aff, preset, toml, phases, dropped, seconds, simulations
+        ranked,
+        best,
+        best.copies,
+        best.copies * best.gpus,
+        aff,
+        preset,
+        toml,
+        phases,
+        dropped,
+        seconds,
+        simulations,
+        servers,
     )
 
 
@@ -479,7 +501,9 @@ def table(plan: Plan, slo: Slo) -> str:
         )
     b = plan.best
     rows.append(
-        f"plan: {plan.copies} x [{b.layout.name}] on {plan.gpus_used} GPU(s), {plan.affinity} node affinity: "
+        f"plan: {plan.copies} x [{b.layout.name}] on {plan.gpus_used} GPU(s)"
+        + (f" ({plan.servers} servers, one per node)" if plan.servers > 1 else "")
+        + f", {plan.affinity} node affinity: "
         f"predicted {b.rate * plan.copies:.3g} req/s ({b.per_gpu:.3g} req/s/GPU) at {slo.ttft_s:g} s TTFT / "
         f"{slo.tpot_s:g} s TPOT ({plan.simulations} simulations, {plan.seconds:.1f} s)"
     )

@@ -307,8 +307,9 @@ class Simulation:
             if k < total and (not heap or a.times[k] <= heap[0][0]):
                 self.now = float(a.times[k])
                 before = self.changes
-                self._submit(k)
-                k += 1
+                while k < total and a.times[k] <= self.now:  # arrivals at one instant, then the workers
+                    self._submit(k)
+                    k += 1
             elif heap:
                 self.now, _, w = heapq.heappop(heap)
                 before = self.changes
