@@ -4,8 +4,7 @@ for every (tp, pp) layout the host can form, and fit the latency models (``plan.
 Each call is timed the way its worker makes it (``runtime.workers``): ``PrefillRunner.run``
 (the packed call, the prefix cuts, the first tokens back on the host), ``DecodeRunner.step``
 and ``mixed`` (inputs built on the host, one step, the tokens back), and a prefix's pull and
-insert into the pool. Timings are medians of calls waited for one by one
-(``jdisagg.bench.micro.measure``, blocked). The grid:
+insert into the pool. The grid:
 
 * prefill (pp = 1 layouts): single prompts at and between the length buckets, packs of k
   equal prompts, and FCFS batches of chat-like lengths, up to a token budget of twice the
@@ -18,6 +17,7 @@ insert into the pool. Timings are medians of calls waited for one by one
   requests).
 
 Pools larger than memory allows reuse pages across rows (the timing reads the same bytes).
+Each point is the median of ``repeats`` calls waited for one by one, after one that compiles.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from jdisagg import cards
 from jdisagg.bench import workloads
-from jdisagg.bench.micro import fill_pages, measure
+from jdisagg.bench.micro import fill_pages
 from jdisagg.model import axes, sharding
 from jdisagg.plan import latency
 from jdisagg.plan.profile import DEFAULT_TRANSFER, Config, Profile, Serving
@@ -176,7 +176,7 @@ class Profiler:
         self.bar: tqdm | None = None
 
     def time(self, call: Callable[[], object]) -> float:
-        t = measure(call, self.o.repeats, warmup=1).blocked
+        t = blocked(call, self.o.repeats)
         if self.bar is not None:
             self.bar.update()
         return t
@@ -362,9 +362,22 @@ class Profiler:
             shape = (self.cfg.n_layers, t, self.cfg.n_kv_heads, self.cfg.head_dim)
             kv = jax.device_put(np.zeros(shape, jnp.dtype(self.cfg.dtype)) + 0.5, prefix_sharding)
             prefix = _FakePrefix(kv, kv)
-            seconds = measure(lambda p=prefix: transfer.pull([p], dst), self.o.repeats, warmup=1).blocked
+            seconds = blocked(lambda p=prefix: transfer.pull([p], dst), self.o.repeats)
             points.append(({"one": 1.0, "bytes": float(prefix.nbytes)}, seconds))
         return latency.fit("transfer", points)
+
+
+def blocked(call: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median seconds of ``call`` waited for one by one, after ``warmup`` calls (the first
+    compiles): a worker waits for each call it makes."""
+    for _ in range(warmup):
+        jax.block_until_ready(call())
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 @dataclasses.dataclass
