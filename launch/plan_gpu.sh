@@ -8,7 +8,7 @@
 #   MODEL=llama3-8b SECOND=opt-13b MESH=gpu-1 DEADLINE_S=540 launch/plan_gpu.sh /tmp/plan
 #
 # Environment: MODEL (profiled, predicted and measured; llama3-8b), SECOND (profiled only;
-# opt-13b; empty: none), MESH (gpu-1), DEADLINE_S (seconds the whole run may take; the second
+# opt-13b, on the quick grid; empty: none), MESH (gpu-1), DEADLINE_S (seconds the whole run may take; the second
 # profile gets what is left), SECONDS_PER_RATE (12) and WARMUP_S (6) per bench point.
 set -uo pipefail
 out=$1 he=${2:-.bench_data/plan/HumanEval.lengths.json}
@@ -43,7 +43,7 @@ tail -5 /tmp/plan_exp/"$model.$mesh".serve.log > "$out/serve.tail.log" 2>/dev/nu
 
 if [[ -n $second && $(left) -gt 60 ]]; then
   stamp "profile $second ($(left)s left)"
-  timeout $(($(left) - 5)) python3 -m jdisagg.plan profile --model "$second" --mesh "$mesh" \
+  timeout $(($(left) - 5)) python3 -m jdisagg.plan profile --model "$second" --mesh "$mesh" --quick --repeats 2 \
     --out "$out/$second.$tag.json" --noprogress
 fi
 
