@@ -340,7 +340,7 @@ class Profiler:
         out, transfer = [], InProcess()
         for t in self.buckets:
             shape = (self.cfg.n_layers, t, self.cfg.n_kv_heads, self.cfg.head_dim)
-            kv = jax.device_put(np.zeros(shape, jnp.dtype(self.cfg.dtype)) + 0.5, runner.prefix_sharding)
+            kv = jax.device_put(np.full(shape, 0.5, jnp.dtype(self.cfg.dtype)), runner.prefix_sharding)
             prefix = _FakePrefix(kv, kv)
             pages = list(range(1, t // runner.page_size + 1))
 
@@ -360,7 +360,7 @@ class Profiler:
         points, transfer = [], InProcess()
         for t in self.buckets:
             shape = (self.cfg.n_layers, t, self.cfg.n_kv_heads, self.cfg.head_dim)
-            kv = jax.device_put(np.zeros(shape, jnp.dtype(self.cfg.dtype)) + 0.5, prefix_sharding)
+            kv = jax.device_put(np.full(shape, 0.5, jnp.dtype(self.cfg.dtype)), prefix_sharding)
             prefix = _FakePrefix(kv, kv)
             seconds = blocked(lambda p=prefix: transfer.pull([p], dst), self.o.repeats)
             points.append(({"one": 1.0, "bytes": float(prefix.nbytes)}, seconds))
