@@ -30,6 +30,7 @@ from jdisagg.serving.client import AsyncClient, Client
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(r"^jdisagg\.serve: ready on (\S+):(\d+)$")
+HTTP_READY = re.compile(r"^jdisagg\.serve: HTTP API on (\S+)/v1$")
 START_TIMEOUT = 240.0  # seconds; warm-up compiles every program shape (cold cache: ~35 s here)
 CALL_TIMEOUT = 120.0  # seconds; bounds every RPC, so a wedged server fails the test instead of hanging it
 SERVICE = "jdisagg.v1.Generation"
@@ -53,6 +54,7 @@ class ServeProcess:
         )
         self.started = time.monotonic()
         self.ready_after: float | None = None
+        self.http_url: str | None = None  # from the "HTTP API on" line (--http_port)
         self._lines: queue.SimpleQueue = queue.SimpleQueue()
         self._reader = threading.Thread(target=self._read_stdout, daemon=True)
         self._reader.start()
@@ -81,6 +83,8 @@ class ServeProcess:
                     f"jdisagg.serve exited with {code} before ready; stdout {seen}; stderr:\n{self.stderr_tail()}"
                 )
             seen.append(line)
+            if http := HTTP_READY.match(line):
+                self.http_url = http.group(1)
             match = READY.match(line)
             if match:
                 self.ready_after = time.monotonic() - self.started
@@ -103,7 +107,17 @@ def process(tmp_path_factory):
     """The server process, started (not necessarily ready yet)."""
     log = tmp_path_factory.mktemp("serve") / "stderr.txt"
     server = ServeProcess(
-        log, "--model", "tiny-llama", "--mesh", "cpu-tp4-pp2tp2", "--port", "0", "--metrics_port", "0"
+        log,
+        "--model",
+        "tiny-llama",
+        "--mesh",
+        "cpu-tp4-pp2tp2",
+        "--port",
+        "0",
+        "--metrics_port",
+        "0",
+        "--http_port",
+        "0",
     )
     try:
         yield server
@@ -183,6 +197,32 @@ def test_concurrent_streams_equal_offline(expected, target):
         assert all(m.text == "" for m in messages)  # tiny-llama has no tokenizer
     assert {w.finish_reason for w in want} == {"length", "stop"}  # both endings are exercised
     assert sum(len(m) for m in results) > len(cases) + 100  # tokens came one message at a time, not at the end
+
+
+def test_http_api_streams_equal_offline(expected, process, target):
+    """The process's OpenAI-compatible API (--http_port) gives the offline tokens too."""
+    import openai
+
+    cases, want = expected
+    fields = ("temperature", "top_k", "top_p", "seed", "ignore_eos", "stop_token_ids")
+
+    async def one(client, ids, sampling):
+        extra = {k: sampling[k] for k in fields if k in sampling}
+        extra.setdefault("temperature", 0.0)
+        stream = await client.completions.create(
+            model="tiny-llama", prompt=ids, max_tokens=sampling["max_tokens"], stream=True, extra_body=extra
+        )
+        return [chunk async for chunk in stream]
+
+    async def run_all():
+        url = process.http_url + "/v1"
+        async with openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=CALL_TIMEOUT) as client:
+            return await asyncio.gather(*(one(client, ids, sampling) for ids, sampling in cases[:12]))
+
+    assert process.http_url and process.http_url.startswith("http://127.0.0.1:")
+    for i, (chunks, w) in enumerate(zip(asyncio.run(run_all()), want, strict=False)):
+        assert [t for c in chunks for t in c.choices[0].token_ids] == w.tokens, i
+        assert chunks[-1].choices[0].finish_reason == w.finish_reason and chunks[-1].latency["ttft_s"] > 0, i
 
 
 def test_health_and_reflection(target):

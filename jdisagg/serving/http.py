@@ -60,11 +60,13 @@ class HttpApi:
         app.router.add_get("/v1/models/{model}", self._model)
         app.router.add_post("/tokenize", self._tokenize)
         app.router.add_get("/health", self._health)
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        # handler_cancellation: a client that goes away cancels its handler, so its request;
+        # shutdown_timeout: on stop (after the drain), streams still open get 1 s, as gRPC's grace.
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.server.access.ssl_context())
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # the port picked for port 0
+        self.port = self._runner.addresses[0][1]  # the port picked for port 0
 
     async def stop(self) -> None:
         if self._runner is not None:
