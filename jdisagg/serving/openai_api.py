@@ -171,8 +171,8 @@ def parse_call(kind: str, raw: bytes, intake: Intake, model_name: str) -> Call:
     _check_fields(kind, body)
     model = body.get("model")
     if model is not None and text_field(model, "model") != model_name:
-        raise ApiError(404, f"the model {model!r} does not exist; this server serves {model_name!r}", "model",
-                       "model_not_found")  # fmt: skip
+        message = f"the model {model!r:.100} does not exist; this server serves {model_name!r}"
+        raise ApiError(404, message, "model", "model_not_found")
     stream = bool(_bool(body, "stream"))
     options = body.get("stream_options")
     if options is not None:
@@ -182,10 +182,9 @@ def parse_call(kind: str, raw: bytes, intake: Intake, model_name: str) -> Call:
             raise bad("stream_options must be an object", "stream_options")
         unknown = sorted(set(options) - {"include_usage", "include_obfuscation"})
         if unknown:
-            raise bad(f"unsupported field stream_options.{unknown[0]}", f"stream_options.{unknown[0]}")
+            raise bad(f"unsupported field stream_options.{unknown[0][:80]}", f"stream_options.{unknown[0][:80]}")
     include_usage = bool(_bool(options or {}, "include_usage"))
     if kind == "chat":
-        prompt = intake.encode_chat(chat_messages(body.get("messages")))
         max_tokens = _int(body, "max_completion_tokens")
         if max_tokens is None:
             max_tokens = _int(body, "max_tokens")
@@ -194,10 +193,12 @@ def parse_call(kind: str, raw: bytes, intake: Intake, model_name: str) -> Call:
             raise bad("top_logprobs needs logprobs: true", "top_logprobs")
         top_logprobs = (top or 0) if want_logprobs else None
     else:
+        max_tokens, top_logprobs = _int(body, "max_tokens"), _int(body, "logprobs")
+    params = _sampling(body, max_tokens, top_logprobs, intake)  # checked before the prompt is tokenized
+    if kind == "chat":
+        prompt = intake.encode_chat(chat_messages(body.get("messages")))
+    else:
         prompt = _prompt(body.get("prompt"), intake)
-        max_tokens = _int(body, "max_tokens")
-        top_logprobs = _int(body, "logprobs")
-    params = _sampling(body, max_tokens, top_logprobs, intake)
     return Call(kind, intake.request(prompt, params), model_name, stream, include_usage, top_logprobs)
 
 
