@@ -47,6 +47,10 @@ COORDINATOR = flags.DEFINE_string("coordinator", None, "Multi-host instance: pro
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Multi-host instance: its JAX processes.")
 PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-host instance: this process's index.")
 TEST_FAULTS = flags.DEFINE_bool("test_faults", False, "prefill/decode: accept the Fault RPC (tests only).")
+VISIBLE = flags.DEFINE_string(
+    "visible_devices_env", None, "local: give each instance process only its devices through this variable."
+)
+RESTART_AFTER_S = flags.DEFINE_float("restart_after_s", 2.0, "local: restart a dead instance process after this.")
 
 
 def _exit_on_signals() -> threading.Event:
