@@ -157,7 +157,13 @@ async def _read_stream(response: aiohttp.ClientResponse, result: RequestResult, 
             payload = line[5:].strip()
             if payload == b"[DONE]":
                 continue
-            chunk = json.loads(payload)
+            try:
+                chunk = json.loads(payload)
+            except ValueError:
+                result.error, result.error_details = "BAD_CHUNK", f"not a JSON chunk: {payload[:200]!r}"
+                continue
+            if not isinstance(chunk, dict):
+                continue
             if "error" in chunk:
                 error = chunk["error"]
                 result.error, result.error_details = "INTERNAL", _message({"error": error})
