@@ -26,6 +26,12 @@ and pages (``Scheduler.hold`` / ``take_pulls``), through ``transfer.remote.Remot
 the prefill process, then a pull with a timeout. The call streams ``pulled``, the tokens,
 and how it ended: stop or length; ``preempted`` (pages ran out: the router re-prefills it);
 ``transfer_failed`` (the router retries or fails it). A cancelled call frees its slot and pages.
+
+A decode instance whose devices span processes (hosts) is one multi-controller JAX program
+(``jax.distributed``): process 0 serves the control plane and decides as above; before each
+device call it tells the others what to run (``runtime.lockstep``), and ``follow`` runs the
+same calls there. Each process pulls its own shards' pieces from the prefill process.
+(A prefill instance runs in one process for now.)
 """
 
 from __future__ import annotations
@@ -49,8 +55,10 @@ from jdisagg.preset import MeshPreset
 from jdisagg.proto import internal_pb2 as ipb
 from jdisagg.proto import internal_pb2_grpc as ipb_grpc
 from jdisagg.runtime.instances import Instances
+from jdisagg.runtime.lockstep import Lockstep
 from jdisagg.sched.lease import Leases
 from jdisagg.sched.pages import pages_for
+from jdisagg.sched.params import SamplingParams
 from jdisagg.sched.request import Output, Request, State
 from jdisagg.sched.scheduler import Scheduler
 from jdisagg.serving import wire
@@ -155,6 +163,9 @@ class InstanceServer:
         test_faults: bool = False,
     ):
         self.role, self.index, self.router_address = role, index, router
+        self.lockstep = Lockstep() if jax.process_count() > 1 else None
+        if self.lockstep is not None and role != "decode":
+            raise ValueError("only a decode instance can span processes so far (--num_processes > 1)")
         self.lease_s, self.transfer_timeout_s, self.checksum = lease_s, transfer_timeout_s, checksum
         self.preset = one_instance(preset, role, index, devices)
         self.spec = self.preset.instances[0]
@@ -176,7 +187,7 @@ class InstanceServer:
             self.remote = remote.Remote(self.transfer, self._stage, timeout_s=transfer_timeout_s, checksum=checksum)
             self.layouts = self._layouts()
         self.faults = _Faults() if test_faults else None
-        self.follower = False  # a process > 0 of a multi-host instance (``follow``)
+        self.follower = self.lockstep is not None and not self.lockstep.leader  # runs ``follow``
         self.failed = threading.Event()
         self.draining = False
         self._stop = threading.Event()
@@ -189,7 +200,7 @@ class InstanceServer:
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="control-loop", daemon=True)
         self._loop_thread.start()
         self._host, self._advertise = host, advertise or host
-        self.grpc, self.port = self._run(self._build(host, port))
+        self.grpc, self.port = (None, 0) if self.follower else self._run(self._build(host, port))
         self.control = f"{self._advertise}:{self.port}"
         self.worker = threading.Thread(target=self._work, name=self.spec.where, daemon=True)
 
@@ -281,7 +292,8 @@ class InstanceServer:
     def stop(self) -> None:
         self._stop.set()
         self._wakeup.notify()
-        self._run(self.grpc.stop(grace=1))
+        if self.grpc is not None:
+            self._run(self.grpc.stop(grace=1))
         if self.worker.is_alive():
             self.worker.join(timeout=10)
         self.transfer.close()
@@ -319,11 +331,19 @@ class InstanceServer:
 
     def _work(self) -> None:
         once = self._prefill_once if self.role == "prefill" else self._decode_once
+        last = time.monotonic()
         try:
             while not self._stop.is_set():
                 seen = self._wakeup._count
-                if not once():
-                    self._wakeup.wait(seen, timeout=0.5)
+                if once():
+                    last = time.monotonic()
+                    continue
+                self._wakeup.wait(seen, timeout=0.5)
+                if self.lockstep is not None and time.monotonic() - last > 10:
+                    self.lockstep.send({"op": "idle"})  # the other processes wait in a collective
+                    last = time.monotonic()
+            if self.lockstep is not None:
+                self.lockstep.send({"op": "stop"})
         except Exception as e:  # a dead worker must not leave calls hanging
             logging.exception("worker %s failed", self.name)
             self.sched.fail_all(f"{self.name} failed: {e}")
@@ -480,7 +500,12 @@ class InstanceServer:
         pulls = sched.take_pulls(0)
         if pulls:
             start = time.perf_counter()
-            moved = self.remote.pull_each([p.prefix for p in pulls], runner.prefix_sharding)
+            prefixes = [p.prefix for p in pulls]
+            staged = self.remote.stage_all(prefixes, runner.prefix_sharding)
+            if self.lockstep is not None:
+                ops = [_prefix_op(p.prefix, s, p.pages) for p, s in zip(pulls, staged, strict=True)]
+                self.lockstep.send({"op": "pull", "prefixes": ops})
+            moved = self._fetch(prefixes, staged)
             seconds = time.perf_counter() - start
             done = []
             for pull, m in zip(pulls, moved, strict=True):
@@ -491,7 +516,7 @@ class InstanceServer:
                     sched.fail([pull.request], f"KV transfer failed: {m}")
                     continue
                 try:
-                    runner.insert(*m, pull.pages[: pages_for(pull.prefix.length, runner.page_size)])
+                    runner.insert(*m, _insert_pages(pull.pages, pull.prefix.length, runner.page_size))
                 except Exception as e:
                     sched.fail([p.request for p in pulls], f"KV insert failed: {e}")
                     raise
@@ -508,6 +533,11 @@ class InstanceServer:
             self._post(r, _PREEMPTED)
         if batch is None:
             return bool(pulls)
+        if self.lockstep is not None:
+            params = [dataclasses.asdict(p) for p in batch.params]
+            self.lockstep.send(
+                {"op": "step", "rows": [batch.tokens, batch.positions, batch.page_tables], "params": params}
+            )
         try:
             sampled = runner.step(batch.tokens, batch.positions, batch.page_tables, batch.params)
         except Exception as e:
@@ -517,6 +547,44 @@ class InstanceServer:
         logprobs = [sampled.logprob(i, p.logprobs) if p.logprobs else None for i, p in enumerate(batch.params)]
         sched.sampled(0, batch, sampled.tokens[:n].tolist(), logprobs)
         return True
+
+    def _fetch(self, prefixes, staged) -> list:
+        """This process's part of each staged prefix; with other processes, only those that
+        arrived on every one of them (the rest fail everywhere)."""
+        moved = self.remote.fetch(prefixes, self.instances.decode[0].prefix_sharding, staged)
+        if self.lockstep is None:
+            return moved
+        everywhere = self.lockstep.agree([not isinstance(m, Exception) for m in moved])
+        return [
+            m if ok else (m if isinstance(m, Exception) else remote.TransferFailed("another process's part failed"))
+            for m, ok in zip(moved, everywhere, strict=True)
+        ]
+
+    def follow(self) -> None:
+        """A process > 0 of a multi-host decode instance: makes the device calls process 0
+        announces, until it says stop."""
+        runner = self.instances.decode[0]
+        while True:
+            op = self.lockstep.receive()
+            if op["op"] == "stop":
+                return
+            if op["op"] == "pull":
+                prefixes, staged, pages = [], [], []
+                for p in op["prefixes"]:
+                    shape = tuple(p["shape"])
+                    prefixes.append(
+                        remote.RemotePrefix(
+                            0, None, p["length"], shape[1], p["nbytes"], shape, p["dtype"], p["transfer"], p["uuid"]
+                        )
+                    )
+                    staged.append(p["sums"] if p["sums"] is not None else remote.TransferFailed("not staged"))
+                    pages.append(p["pages"])
+                for prefix, m, ids in zip(prefixes, self._fetch(prefixes, staged), pages, strict=True):
+                    if not isinstance(m, Exception):
+                        runner.insert(*m, _insert_pages(ids, prefix.length, runner.page_size))
+            elif op["op"] == "step":
+                params = [SamplingParams(**_params(p)) for p in op["params"]]
+                runner.step(*op["rows"], params)
 
     async def decode(self, call: ipb.DecodeCall, context):
         """Decodes one request from a prefix held by a prefill process."""
@@ -592,6 +660,22 @@ class InstanceServer:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "started without --test_faults")
         self.faults.stage_hang = req.stage_hang
         return ipb.FaultResponse()
+
+
+def _insert_pages(pages: list[int], length: int, page_size: int) -> list[int]:
+    """The pages a pulled prefix of ``length`` tokens is written to."""
+    return pages[: pages_for(length, page_size)]
+
+
+def _prefix_op(p: remote.RemotePrefix, staged, pages: list[int]) -> dict:
+    """What the other processes of a multi-host decode instance need to pull ``p`` too."""
+    sums = None if isinstance(staged, Exception) else list(staged)
+    fields = dict(transfer=p.transfer, uuid=p.uuid, shape=list(p.shape), dtype=p.dtype, length=p.length)
+    return dict(fields, nbytes=p.nbytes, sums=sums, pages=list(pages))
+
+
+def _params(d: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
 def _box_msg(box) -> ipb.Box:

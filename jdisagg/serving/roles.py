@@ -141,7 +141,10 @@ def _instance(role, model, mesh, dtype, host, metrics_port, drain_timeout) -> No
         )
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         _error(str(e))
-    if instance.follower:
+    if instance.follower:  # process > 0 of a multi-host instance: the same device calls as process 0
+        instance.warm_up()
+        print(f"jdisagg.serve: following {instance.name} (process {PROCESS_ID.value} of {NUM_PROCESSES.value})")
+        sys.stdout.flush()
         instance.follow()  # returns when process 0 stops the instance
         os._exit(0)
     if metrics_port:
