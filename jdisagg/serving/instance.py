@@ -125,7 +125,7 @@ class InstanceMetrics:
         self.transfer_bytes = prom.Counter("jdisagg_kv_transfer_bytes", "KV bytes pulled", registry=r)
         self.pull_host = prom.Histogram(
             "jdisagg_kv_pull_host_seconds",
-            "Decode worker time per pulled prefix (stage, pull, assemble, insert dispatch)",
+            "Decode worker time per pulled prefix (stage, start the pull; assemble, insert dispatch)",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
@@ -192,6 +192,7 @@ class InstanceServer:
         self.draining = False
         self._stop = threading.Event()
         self._waiters: dict[int, asyncio.Queue] = {}  # request id -> its call's queue of worker events
+        self._pulling: list = []  # decode: (pulls, remote.Pulling, worker seconds so far) in flight
         self._stage_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="stage")
         self._stubs: dict[str, ipb_grpc.InstanceStub] = {}  # prefill control address -> stub (decode)
         self._stubs_lock = threading.Lock()
@@ -496,43 +497,32 @@ class InstanceServer:
         return list(stub.Stage(req, timeout=self.transfer_timeout_s).checksums)
 
     def _decode_once(self) -> bool:
+        """Lands the pulls whose KV arrived, starts pulls for the prefixes it has room for, and
+        runs one step. In one process a pull runs while the steps go on (the KV moves through
+        the transfer server's threads); across processes it is waited for, in lockstep."""
         sched, runner = self.sched, self.instances.decode[0]
+        worked = self._land_arrived()
         pulls = sched.take_pulls(0)
         if pulls:
             start = time.perf_counter()
             prefixes = [p.prefix for p in pulls]
             staged = self.remote.stage_all(prefixes, runner.prefix_sharding)
-            if self.lockstep is not None:
+            if self.lockstep is None:
+                pulling = self.remote.begin(prefixes, runner.prefix_sharding, staged)
+                self._pulling.append((pulls, pulling, time.perf_counter() - start))
+            else:
                 ops = [_prefix_op(p.prefix, s, p.pages) for p, s in zip(pulls, staged, strict=True)]
                 self.lockstep.send({"op": "pull", "prefixes": ops})
-            moved = self._fetch(prefixes, staged)
-            seconds = time.perf_counter() - start
-            done = []
-            for pull, m in zip(pulls, moved, strict=True):
-                if isinstance(m, Exception):
-                    logging.warning("request %d: %s", pull.request.id, m)
-                    self.metrics.transfer_failures.inc()
-                    self._post(pull.request, (_TRANSFER_FAILED, str(m)))
-                    sched.fail([pull.request], f"KV transfer failed: {m}")
-                    continue
-                try:
-                    runner.insert(*m, _insert_pages(pull.pages, pull.prefix.length, runner.page_size))
-                except Exception as e:
-                    sched.fail([p.request for p in pulls], f"KV insert failed: {e}")
-                    raise
-                done.append(pull)
-            sched.pulled(0, done, seconds)
-            host = (time.perf_counter() - start) / len(pulls)
-            self.metrics.transfer.observe(seconds)
-            for pull in done:
-                self.metrics.pull_host.observe(host)
-                self.metrics.transfer_bytes.inc(pull.prefix.nbytes)
-                self._post(pull.request, _PULLED)
+                moved = self._fetch(prefixes, staged)
+                self._land(pulls, moved, time.perf_counter() - start, 0.0)
+            worked = True
         batch = sched.take_step(0)
         for r in sched.queue.drain():  # preempted: the router re-prefills them elsewhere
             self._post(r, _PREEMPTED)
         if batch is None:
-            return bool(pulls)
+            if self._pulling and not worked:
+                time.sleep(0.0005)  # only pulls in flight: poll them
+            return worked or bool(self._pulling)
         if self.lockstep is not None:
             params = [dataclasses.asdict(p) for p in batch.params]
             self.lockstep.send(
@@ -547,6 +537,43 @@ class InstanceServer:
         logprobs = [sampled.logprob(i, p.logprobs) if p.logprobs else None for i, p in enumerate(batch.params)]
         sched.sampled(0, batch, sampled.tokens[:n].tolist(), logprobs)
         return True
+
+    def _land_arrived(self) -> bool:
+        """Lands the pulls in flight whose data arrived (or whose timeout passed)."""
+        done = [x for x in self._pulling if x[1].ready()]
+        for x in done:
+            self._pulling.remove(x)
+            pulls, pulling, host = x
+            self._land(pulls, pulling.finish(), time.perf_counter() - pulling.started, host)
+        return bool(done)
+
+    def _land(self, pulls, moved, seconds: float, host: float) -> None:
+        """Inserts the pulled prefixes into their pages (``host``: the worker's time on them so far)."""
+        sched, runner = self.sched, self.instances.decode[0]
+        start = time.perf_counter()
+        done = []
+        for pull, m in zip(pulls, moved, strict=True):
+            if pull.request.finished:  # cancelled meanwhile: its pages may be someone else's now
+                continue
+            if isinstance(m, Exception):
+                logging.warning("request %d: %s", pull.request.id, m)
+                self.metrics.transfer_failures.inc()
+                self._post(pull.request, (_TRANSFER_FAILED, str(m)))
+                sched.fail([pull.request], f"KV transfer failed: {m}")
+                continue
+            try:
+                runner.insert(*m, _insert_pages(pull.pages, pull.prefix.length, runner.page_size))
+            except Exception as e:
+                sched.fail([p.request for p in pulls], f"KV insert failed: {e}")
+                raise
+            done.append(pull)
+        sched.pulled(0, done, seconds)
+        host = (host + time.perf_counter() - start) / len(pulls)
+        self.metrics.transfer.observe(seconds)
+        for pull in done:
+            self.metrics.pull_host.observe(host)
+            self.metrics.transfer_bytes.inc(pull.prefix.nbytes)
+            self._post(pull.request, _PULLED)
 
     def _fetch(self, prefixes, staged) -> list:
         """This process's part of each staged prefix; with other processes, only those that

@@ -235,8 +235,15 @@ class Remote(KVTransfer):
     def fetch(self, prefixes: Sequence[RemotePrefix], dst: NamedSharding, staged: Sequence) -> list:
         """This process's part of each staged prefix, pulled, checked and assembled; an
         exception in place of those that failed (``staged`` as ``stage_all`` returns it)."""
+        pulling = self.begin(prefixes, dst, staged)
+        while not pulling.ready():
+            time.sleep(0.001)
+        return pulling.finish()
+
+    def begin(self, prefixes: Sequence[RemotePrefix], dst: NamedSharding, staged: Sequence) -> Pulling:
+        """Starts ``fetch`` and returns at once: the caller polls ``ready`` (and meanwhile
+        runs its decode steps), then calls ``finish``."""
         self._prune()
-        deadline = time.monotonic() + self.timeout_s
         out: list = list(staged)
         pending = {}
         for i, (p, sums) in enumerate(zip(prefixes, staged, strict=True)):
@@ -251,28 +258,7 @@ class Remote(KVTransfer):
                 pending[i] = (self.server.pull(p.transfer, p.uuid + me, specs * 2, self.timeout_s), sums[me])
             except Exception as e:
                 out[i] = TransferFailed(f"pulling {p.uuid:#x} from {p.transfer}: {e}")
-        while pending and not all(a.is_ready() for arrays, _ in pending.values() for a in arrays):
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.001)
-        for i, (arrays, want) in pending.items():
-            p = prefixes[i]
-            if not all(a.is_ready() for a in arrays):
-                self.abandoned.append(arrays)
-                out[i] = TransferFailed(f"pulling {p.uuid:#x} from {p.transfer}: no data within {self.timeout_s:g} s")
-                continue
-            try:
-                jax.block_until_ready(arrays)
-            except Exception as e:  # e.g. the prefill process died mid-transfer, or the pull expired there
-                out[i] = TransferFailed(f"pulling {p.uuid:#x} from {p.transfer}: {e}")
-                continue
-            if self.checksum and kv_checksum(arrays) != want:
-                out[i] = TransferFailed(f"pulling {p.uuid:#x} from {p.transfer}: KV checksum mismatch")
-                continue
-            n = len(arrays) // 2
-            out[i] = tuple(jax.make_array_from_single_device_arrays(p.shape, dst, a) for a in (arrays[:n], arrays[n:]))
-        self.failures += sum(isinstance(o, Exception) for o in out)
-        return out
+        return Pulling(self, list(prefixes), dst, out, pending, time.monotonic() + self.timeout_s)
 
     def _prune(self) -> None:
         self.abandoned = [arrays for arrays in self.abandoned if not all(a.is_ready() for a in arrays)]
@@ -280,3 +266,43 @@ class Remote(KVTransfer):
 
 def _extent(box: Box) -> tuple[int, ...]:
     return tuple(hi - lo for lo, hi in box)
+
+
+class Pulling:
+    """Pulls in flight (``Remote.begin``)."""
+
+    def __init__(self, remote: Remote, prefixes, dst, out: list, pending: dict, deadline: float):
+        self.remote, self.prefixes, self.dst, self.deadline = remote, prefixes, dst, deadline
+        self._out, self._pending = out, pending
+        self.started = time.perf_counter()
+
+    def ready(self) -> bool:
+        """Every pull has its data (or failed), or the timeout has passed."""
+        arrived = all(a.is_ready() for arrays, _ in self._pending.values() for a in arrays)
+        return arrived or time.monotonic() > self.deadline
+
+    def finish(self) -> list:
+        """Each prefix's (k, v) in the destination layout, or why it failed; pulls whose data
+        has not arrived fail (timed out) and are given up."""
+        out = self._out
+        for i, (arrays, want) in self._pending.items():
+            p = self.prefixes[i]
+            if not all(a.is_ready() for a in arrays):
+                self.remote.abandoned.append(arrays)
+                why = f"no data within {self.remote.timeout_s:g} s"
+                out[i] = TransferFailed(f"pulling {p.uuid:#x} from {p.transfer}: {why}")
+                continue
+            try:
+                jax.block_until_ready(arrays)
+            except Exception as e:  # e.g. the prefill process died mid-transfer, or the pull expired there
+                out[i] = TransferFailed(f"pulling {p.uuid:#x} from {p.transfer}: {e}")
+                continue
+            if self.remote.checksum and kv_checksum(arrays) != want:
+                out[i] = TransferFailed(f"pulling {p.uuid:#x} from {p.transfer}: KV checksum mismatch")
+                continue
+            n = len(arrays) // 2
+            out[i] = tuple(
+                jax.make_array_from_single_device_arrays(p.shape, self.dst, a) for a in (arrays[:n], arrays[n:])
+            )
+        self.remote.failures += sum(isinstance(o, Exception) for o in out)
+        return out
