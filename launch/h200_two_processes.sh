@@ -12,7 +12,7 @@
 #    the decode worker's time per pulled prefix.
 # Results go to OUT_DIR (remote_kv.json, system.json, logs). Needs the jdisagg sources on
 # PYTHONPATH (and grpcio-health-checking / grpcio-reflection where they are missing).
-# MODEL and KV_ARGS override the model and the micro-benchmark's flags (a CPU dry run:
+# MODEL and KV_ARGS override the model and the micro-benchmark's flags (KV_ARGS=skip: none; a CPU dry run:
 # MODEL=tiny-llama ATTENTION=dot KV_ARGS="--layers 4 --tokens 64 --repeats 2 --settings 8x16x8").
 set -uo pipefail
 out="${1:?usage: h200_two_processes.sh OUT_DIR}"
@@ -21,8 +21,10 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 
 kv_args=${KV_ARGS:---tokens 512,2048 --settings 8x16x8,16x32x4,1x8x256 --repeats 8}
-# shellcheck disable=SC2086
-timeout 150 python3 -m jdisagg.bench.remote_kv $kv_args --json_out "$out/remote_kv.json" 2> "$out/remote_kv.log"
+if [[ $kv_args != skip ]]; then
+  # shellcheck disable=SC2086
+  timeout 150 python3 -m jdisagg.bench.remote_kv $kv_args --json_out "$out/remote_kv.json" 2> "$out/remote_kv.log"
+fi
 
 cat > /tmp/h200-2proc.toml <<'EOF'
 # One prefill and one decode instance, each process on the host's GPU 0 (--devices 0).
