@@ -3,6 +3,7 @@ M/D/1 queue and a decode case worked out by hand, the search's known optimum of 
 latency model, Algorithm 2's node-local KV, the trace recorder and the CLI's errors. Nothing
 here compiles a model."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -16,7 +17,7 @@ from jdisagg.bench import workloads
 from jdisagg.bench.stats import Slo, tpot, ttft
 from jdisagg.model.config import shape
 from jdisagg.plan import __main__ as plan_cli
-from jdisagg.plan import latency, preset_out, search, simulate, system
+from jdisagg.plan import calibrate, latency, preset_out, search, simulate, system
 from jdisagg.plan import profile as prof
 from jdisagg.plan.latency import Fit
 from jdisagg.plan.trace import TraceRecorder
@@ -357,3 +358,28 @@ def test_cli_simulate_prints_the_bench_table(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "attain" in out.stdout and "predicted per-GPU goodput" in out.stdout
     assert math.isfinite(float(out.stdout.rsplit(" ", 1)[-1]))
+
+
+def test_host_cost_per_token_adds_to_every_step_and_calibrates_back():
+    """The hand case above with 1 ms of host time per streamed token: each step of 4 rows takes
+    4 ms more. Calibrating a profile without it on that TPOT finds the 1 ms again."""
+    c4, c5 = 0.02, 1e-5
+    p = dataclasses.replace(_synthetic(kinds={"prefill": (0.05, 0, 0), "decode": (c4, c5)}), host_token_s=1e-3)
+    s = system.build(_preset(prefill_batch=4), p)
+    out = simulate.simulate(s, simulate.Arrivals(4.0, np.zeros(4), [(100, 11)] * 4, 0), Slo(1, 1))
+    assert [tpot(r) for r in out.results] == pytest.approx([c4 + c5 * 4 * 105.5 + 4e-3] * 4)
+    w = simulate.Workload("fixed", Slo(1, 1), input_len=100, output_len=11, warmup_s=1, duration_s=8)
+    [o] = simulate.sweep(s, w, [1.0])  # about one request at a time: TPOT grows 1:1 with the cost
+    measured = float(np.median([tpot(r) for r in o.results]))
+    result = {
+        "workload": "fixed",
+        "workload_options": {"input_len": 100, "output_len": 11},
+        "slo": {"ttft_s": 1, "tpot_s": 1},
+        "target_attainment": 0.9,
+        "warmup_s": 1,
+        "duration_s": 8,
+        "points": [{"rate": 1.0, "tpot": {"p50": measured}}],
+    }
+    token_s, rate, got, sim = calibrate.host_token_seconds(dataclasses.replace(p, host_token_s=0.0), _preset(4), result)
+    assert rate == 1.0 and got == measured and sim == pytest.approx(measured, rel=1e-3)
+    assert token_s == pytest.approx(1e-3, rel=0.01)

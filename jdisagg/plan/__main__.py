@@ -1,6 +1,7 @@
 """``python -m jdisagg.plan``: profile the programs, simulate presets, search placements.
 
     python -m jdisagg.plan profile --model llama3-8b --mesh gpu-1 --out profiles/llama3-8b.h200.json
+    python -m jdisagg.plan calibrate --profile P.json --result bench.json.gz --mesh gpu-1   # host cost
     python -m jdisagg.plan simulate --profile P.json --mesh gpu-2,gpu-2-colocated --workload chat \\
         --slo_ttft 0.25 --slo_tpot 0.1 [--rates 20,28,36]
     python -m jdisagg.plan search --profile P.json --workload chat --slo_ttft 0.25 --slo_tpot 0.1 \\
@@ -59,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--gpus_per_node", type=int, default=8)
         c.add_argument("--cross_node_gbps", type=float, default=25.0, help="bandwidth between nodes (Gbit/s)")
         c.add_argument("--json_out", default="", help="write the result as JSON here")
+    cal = sub.add_parser("calibrate", help="set the server's host cost per streamed token from a bench result")
+    cal.add_argument("--profile", required=True)
+    cal.add_argument("--result", required=True, help="a jdisagg.bench run result (.json or .json.gz)")
+    cal.add_argument("--mesh", required=True, help="the preset that result measured")
+    cal.add_argument("--humaneval_path", default="", help="code: HumanEval file or lengths JSON")
+    cal.add_argument("--out", default="", help="the calibrated profile (default: overwrite --profile)")
     sim = sub.choices["simulate"]
     sim.add_argument("--mesh", required=True, help="preset(s) to simulate, comma-separated")
     sim.add_argument("--rates", default="", help="request rates to simulate (default: find the goodput)")
@@ -241,6 +248,25 @@ def search_(a) -> None:
             json.dump({"plan": rows, "phases": plan.phases, "seconds": plan.seconds, "toml": plan.toml}, f, indent=1)
 
 
+def calibrate(a) -> None:
+    import dataclasses
+
+    from jdisagg.plan import calibrate as cal
+    from jdisagg.plan import profile as prof
+    from jdisagg.preset import load_preset
+
+    p = prof.load(a.profile)
+    token_s, rate, measured, simulated = cal.host_token_seconds(
+        p, load_preset(a.mesh), cal.read_result(a.result), a.humaneval_path or None
+    )
+    out = a.out or a.profile
+    dataclasses.replace(p, host_token_s=token_s, source=out).save(out)
+    print(
+        f"host cost per streamed token {1e6 * token_s:.1f} us: simulated TPOT p50 {1e3 * simulated:.1f} ms against "
+        f"{1e3 * measured:.1f} ms measured at {rate:g} req/s on {a.mesh}; wrote {out}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     a = _parser().parse_args(argv)
     if a.command == "profile":
@@ -249,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     from jdisagg.plan.system import DoesNotFit
 
     try:
-        {"profile": profile, "simulate": simulate, "search": search_}[a.command](a)
+        {"profile": profile, "calibrate": calibrate, "simulate": simulate, "search": search_}[a.command](a)
     except (ValueError, FileNotFoundError, NoPlacement, DoesNotFit) as e:
         _fail(str(e))
 

@@ -109,6 +109,9 @@ class Profile:
     transfer_measured: bool = False
     host_step_s: float = 0.0  # the scheduler's own time per decode step, and per row of it
     host_row_s: float = 0.0
+    # The server's host time per streamed token (listener, event loop, gRPC), which the
+    # instance loops wait for: one interpreter runs them all. Calibrated (``plan calibrate``).
+    host_token_s: float = 0.0
     commit: str = ""
     jax: str = ""
     created: str = ""
@@ -141,7 +144,7 @@ class Profile:
             "serving": {k: _jsonable(getattr(self.serving, k)) for k in _SERVING_KEYS},
             "configs": [_config_dict(c) for c in self.configs],
             "transfer": {"fit": self.transfer.as_dict(), "measured": self.transfer_measured},
-            "host": {"step_s": self.host_step_s, "row_s": self.host_row_s},
+            "host": {"step_s": self.host_step_s, "row_s": self.host_row_s, "token_s": self.host_token_s},
         }
 
     def save(self, path: str | Path) -> None:
@@ -222,6 +225,7 @@ def from_dict(d: Mapping, where: str) -> Profile:
             transfer_measured=bool(transfer.get("measured", False)),
             host_step_s=float(host.get("step_s", 0.0)),
             host_row_s=float(host.get("row_s", 0.0)),
+            host_token_s=float(host.get("token_s", 0.0)),
             commit=str(d.get("commit", "")),
             jax=str(d.get("jax", "")),
             created=str(d.get("created", "")),

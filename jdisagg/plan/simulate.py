@@ -38,7 +38,7 @@ from jdisagg.sched.params import SamplingParams
 from jdisagg.sched.request import Request
 from jdisagg.sched.scheduler import Scheduler
 
-IDLE = None  # what a worker yields when it waits for the scheduler to change
+IDLE = None  # what a worker yields when it waits for the scheduler to change; else (device s, host s)
 TOKEN = 1  # every sampled token (requests ignore EOS and stop at their output length)
 
 
@@ -196,7 +196,8 @@ class Simulation:
         batch = self.sched.take_prefill(i)
         if batch is None:
             return False
-        yield self.system.prefill_seconds(inst, [len(p) for p in batch.prompts])
+        first = sum(not r.output for r in batch.requests)  # first tokens it streams
+        yield self.system.prefill_seconds(inst, [len(p) for p in batch.prompts]), self.system.host_seconds(first, False)
         self.sched.prefilled(i, batch, self._prefixes(batch.prompts))
         self._ended(batch.requests)
         return True
@@ -207,16 +208,16 @@ class Simulation:
         if pulls:
             moved, busy = self.system.pull_seconds(inst, pulls)
             self.pull_s += busy
-            yield busy
+            yield busy, 0.0
             sched.pulled(d, pulls, moved)
         batch = sched.take_step(d)
         if batch is None:
             return bool(pulls)
-        self._count_step(d, len(batch.requests))
+        n = len(batch.requests)
+        self._count_step(d, n)
         seconds = self.system.step_seconds(inst, batch)
         self.step_s += seconds
-        yield seconds
-        n = len(batch.requests)
+        yield seconds, self.system.host_seconds(n)
         sched.sampled(d, batch, self.tokens[:n], self.logprobs[:n])
         self._ended(batch.requests)
         return True
@@ -229,8 +230,8 @@ class Simulation:
         self._count_step(d, n)
         seconds = self.system.mixed_seconds(inst, step)
         self.step_s += seconds
-        yield seconds
         n += step.chunk is not None
+        yield seconds, self.system.host_seconds(n)
         self.sched.chunk_sampled(d, step, self.tokens[:n], self.logprobs[:n])
         self._ended([*step.batch.requests, *[step.chunk] * (step.chunk is not None)])
         return True
@@ -281,15 +282,21 @@ class Simulation:
         idle: list[int] = []
         seq = 0
 
+        host_free = 0.0  # when the one interpreter is next free (host parts run one at a time)
+
         def advance(w: int) -> None:
-            nonlocal seq
-            seconds = next(workers[w])
-            if seconds is IDLE:
+            nonlocal seq, host_free
+            call = next(workers[w])
+            if call is IDLE:
                 idle.append(w)
-            else:
-                self.busy[w] += seconds
-                seq += 1
-                heapq.heappush(heap, (self.now + seconds, seq, w))
+                return
+            device, host = call
+            start = max(self.now, host_free) if host else self.now
+            host_free = start + host if host else host_free
+            done = start + host + device
+            self.busy[w] += done - self.now
+            seq += 1
+            heapq.heappush(heap, (done, seq, w))
 
         def settle(before: int) -> None:
             while idle and self.changes != before:

@@ -124,15 +124,22 @@ class System:
             read = b * bucket_for(max(widest, 1), self.width_buckets) * self.preset.page_size
         return n, latency.decode_features(n, b, context, read, chunk_context)
 
+    def host_seconds(self, tokens: int, step: bool = True) -> float:
+        """The host's part of a call that streams ``tokens`` tokens: the scheduler's work per
+        step and row, and the server's per streamed token. Every instance of one process
+        shares the one interpreter, so the simulator runs these parts one at a time."""
+        p = self.profile
+        return p.host_step_s * step + (p.host_row_s + p.host_token_s) * tokens
+
     def step_seconds(self, inst: Instance, batch: DecodeBatch) -> float:
         n, x = self._rows_features(inst, batch)
-        return inst.config.decode(x) + self.profile.host_step_s + self.profile.host_row_s * n
+        return inst.config.decode(x)
 
     def mixed_seconds(self, inst: Instance, step: ChunkStep) -> float:
         if step.chunk is None:
             return self.step_seconds(inst, step.batch)
         n, x = self._rows_features(inst, step.batch, len(step.pages), step.start + len(step.piece))
-        return inst.config.mixed(x) + self.profile.host_step_s + self.profile.host_row_s * (n + 1)
+        return inst.config.mixed(x)
 
     def pull_seconds(self, inst: Instance, pulls: Sequence[Pull]) -> tuple[float, float]:
         """(transfer seconds, busy seconds) of pulling ``pulls`` into decode instance ``inst``:
