@@ -12,6 +12,7 @@
 #    the decode worker's time per pulled prefix.
 # Results go to OUT_DIR (remote_kv.json, system.json, logs). Needs the jdisagg sources on
 # PYTHONPATH (and grpcio-health-checking / grpcio-reflection where they are missing).
+# OVERLAP=false makes the decode worker wait for each pull; ROUNDS repeats the 48 requests.
 # MODEL and KV_ARGS override the model and the micro-benchmark's flags (KV_ARGS=skip: none; a CPU dry run:
 # MODEL=tiny-llama ATTENTION=dot KV_ARGS="--layers 4 --tokens 64 --repeats 2 --settings 8x16x8").
 set -uo pipefail
@@ -53,11 +54,12 @@ pids=($!)
 for role in prefill decode; do
   port=$([[ $role == prefill ]] && echo 9101 || echo 9102)
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.42 python3 -m jdisagg.serve --role $role "${common[@]}" --devices 0 \
-    --port 0 --router 127.0.0.1:50052 --metrics_port $port > "$out/$role.out" 2> "$out/$role.log" &
+    --port 0 --router 127.0.0.1:50052 --metrics_port $port --overlap_pulls="${OVERLAP:-true}" \
+    > "$out/$role.out" 2> "$out/$role.log" &
   pids+=($!)
 done
 
-timeout 200 python3 - "$out" <<'EOF'
+timeout 200 python3 - "$out" "${ROUNDS:-1}" <<'EOF'
 import asyncio, json, sys, time, urllib.request
 import numpy as np
 from jdisagg.serving.client import AsyncClient
@@ -89,14 +91,19 @@ async def main():
                 info_vocab = vocab
                 return await c.complete(rng.integers(3, info_vocab, 1000).tolist(), max_tokens=16, ignore_eos=True)
         await asyncio.gather(*(one(i) for i in range(4)))  # warm
-        before = scrape(9102)
-        t0 = time.monotonic()
-        done = await asyncio.gather(*(one(i) for i in range(48)))
-        wall = time.monotonic() - t0
-    after = scrape(9102)
+        rounds = []
+        for _ in range(int(sys.argv[2])):
+            before = scrape(9102)
+            t0 = time.monotonic()
+            done = await asyncio.gather(*(one(i) for i in range(48)))
+            rounds.append(summary(ready, done, time.monotonic() - t0, before, scrape(9102)))
+            print(json.dumps(rounds[-1]), flush=True)
+    json.dump(rounds, open(f"{out}/system.json", "w"), indent=1)
+
+def summary(ready, done, wall, before, after):
     d = {k: after[k] - before.get(k, 0) for k in after if k.endswith(("_sum", "_count", "_total"))}
     lat = [r.final.latency for r in done]
-    res = {
+    return {
         "ready_s": ready, "requests": len(done), "wall_s": wall,
         "pull_host_ms_mean": 1e3 * d["jdisagg_kv_pull_host_seconds_sum"] / d["jdisagg_kv_pull_host_seconds_count"],
         "pull_batch_ms_mean": 1e3 * d["jdisagg_kv_transfer_seconds_sum"] / d["jdisagg_kv_transfer_seconds_count"],
@@ -107,8 +114,6 @@ async def main():
         "tpot_ms_mean": 1e3 * float(np.mean([l.tpot_s for l in lat])),
         "failures": d.get("jdisagg_kv_transfer_failures_total", 0),
     }
-    print(json.dumps(res))
-    json.dump(res, open(f"{out}/system.json", "w"), indent=1)
 
 asyncio.run(main())
 EOF

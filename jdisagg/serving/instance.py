@@ -160,6 +160,7 @@ class InstanceServer:
         lease_s: float = 60.0,
         transfer_timeout_s: float = 10.0,
         checksum: bool = False,
+        overlap_pulls: bool = True,
         test_faults: bool = False,
     ):
         self.role, self.index, self.router_address = role, index, router
@@ -167,6 +168,7 @@ class InstanceServer:
         if self.lockstep is not None and role != "decode":
             raise ValueError("only a decode instance can span processes so far (--num_processes > 1)")
         self.lease_s, self.transfer_timeout_s, self.checksum = lease_s, transfer_timeout_s, checksum
+        self.overlap_pulls = overlap_pulls
         self.preset = one_instance(preset, role, index, devices)
         self.spec = self.preset.instances[0]
         self.instances = Instances.build(loaded, self.preset)
@@ -499,7 +501,8 @@ class InstanceServer:
     def _decode_once(self) -> bool:
         """Lands the pulls whose KV arrived, starts pulls for the prefixes it has room for, and
         runs one step. In one process a pull runs while the steps go on (the KV moves through
-        the transfer server's threads); across processes it is waited for, in lockstep."""
+        the transfer server's threads; ``overlap_pulls``); across processes it is waited for,
+        in lockstep."""
         sched, runner = self.sched, self.instances.decode[0]
         worked = self._land_arrived()
         pulls = sched.take_pulls(0)
@@ -507,14 +510,16 @@ class InstanceServer:
             start = time.perf_counter()
             prefixes = [p.prefix for p in pulls]
             staged = self.remote.stage_all(prefixes, runner.prefix_sharding)
-            if self.lockstep is None:
+            if self.lockstep is None and self.overlap_pulls:
                 pulling = self.remote.begin(prefixes, runner.prefix_sharding, staged)
                 self._pulling.append((pulls, pulling, time.perf_counter() - start))
             else:
-                ops = [_prefix_op(p.prefix, s, p.pages) for p, s in zip(pulls, staged, strict=True)]
-                self.lockstep.send({"op": "pull", "prefixes": ops})
+                if self.lockstep is not None:
+                    ops = [_prefix_op(p.prefix, s, p.pages) for p, s in zip(pulls, staged, strict=True)]
+                    self.lockstep.send({"op": "pull", "prefixes": ops})
                 moved = self._fetch(prefixes, staged)
-                self._land(pulls, moved, time.perf_counter() - start, 0.0)
+                waited = time.perf_counter() - start
+                self._land(pulls, moved, waited, waited)
             worked = True
         batch = sched.take_step(0)
         for r in sched.queue.drain():  # preempted: the router re-prefills them elsewhere

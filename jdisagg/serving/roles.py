@@ -37,6 +37,9 @@ DEVICES = flags.DEFINE_list(
 )
 LEASE_S = flags.DEFINE_float("lease_s", 60.0, "prefill: seconds a prefix is held for decode to pull it.")
 TRANSFER_TIMEOUT_S = flags.DEFINE_float("transfer_timeout_s", 10.0, "decode: seconds one KV pull may take.")
+OVERLAP_PULLS = flags.DEFINE_bool(
+    "overlap_pulls", True, "decode: keep stepping while a prefix's KV arrives (one-process instances)."
+)
 KV_CHECKSUM = flags.DEFINE_bool("kv_checksum", False, "Check every pulled prefix against the prefill's checksum.")
 HEARTBEAT_S = flags.DEFINE_float("heartbeat_s", 0.5, "router: seconds between an instance's load reports.")
 DEAD_AFTER_S = flags.DEFINE_float("dead_after_s", 3.0, "router: an instance silent this long is dropped.")
@@ -137,6 +140,7 @@ def _instance(role, model, mesh, dtype, host, metrics_port, drain_timeout) -> No
             lease_s=LEASE_S.value,
             transfer_timeout_s=TRANSFER_TIMEOUT_S.value,
             checksum=KV_CHECKSUM.value,
+            overlap_pulls=OVERLAP_PULLS.value,
             test_faults=TEST_FAULTS.value,
         )
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
