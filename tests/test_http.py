@@ -278,9 +278,10 @@ def test_queue_full_is_429_and_warming_up_is_503():
         gate = s.engine.prefill[0].gate = threading.Event()
         send = s.client.completions.create
         held = [threading.Thread(target=send, kwargs=dict(model="fake", prompt=[5, i], max_tokens=2)) for i in range(2)]
-        for t in held:
-            t.start()
-        _wait(lambda: len(s.submitted) == 2)  # one in prefill at the gate, one queued
+        held[0].start()
+        _wait(lambda: s.engine.prefill[0].calls)  # the first is in prefill, held at the gate
+        held[1].start()
+        _wait(lambda: len(s.submitted) == 2)  # the second waits in the queue
         with pytest.raises(openai.RateLimitError, match="queue is full"):
             s.client.completions.create(model="fake", prompt=[5], max_tokens=2)
         gate.set()
@@ -306,9 +307,47 @@ def test_a_failed_worker_ends_streams_with_an_error_event():
         with pytest.raises(openai.APIError, match="injected|warming up"):
             for _ in s.client.completions.create(model="fake", prompt=[5], max_tokens=4, stream=True):
                 pass
-        assert s.get("/health") == (503, {"status": "failed"})
+        _wait(lambda: s.get("/health") == (503, {"status": "failed"}))  # "warming up" until failed is set
     finally:
         s.close()
+
+
+def test_a_request_admitted_while_a_worker_fails_gets_the_error():
+    """Admitted (ready) before the failure, submitted after fail_all: nothing would run it."""
+    s = HttpServed()
+    s.engine.decode[0].runner.fail = RuntimeError("out of memory (injected)")
+    go, building = threading.Event(), threading.Event()
+    request = s.engine.intake.request
+
+    def held_request(tokens, params):  # the intake pool builds [9]'s request only once told to
+        if list(tokens) == [9]:
+            building.set()
+            assert go.wait(30)
+        return request(tokens, params)
+
+    s.engine.intake.request = held_request
+    late = {}
+    thread = threading.Thread(target=lambda: late.update(error=_raises(s, [9])))
+    try:
+        thread.start()
+        assert building.wait(30)  # past admit's ready check
+        with pytest.raises(openai.InternalServerError, match="injected"):
+            s.client.completions.create(model="fake", prompt=[5], max_tokens=4)
+        _wait(lambda: s.server.failed.is_set())
+        go.set()
+        thread.join(30)
+        assert isinstance(late["error"], openai.InternalServerError) and "failed: out of memory" in str(late["error"])
+    finally:
+        go.set()
+        s.close()
+
+
+def _raises(s: HttpServed, prompt) -> Exception | None:
+    try:
+        s.client.completions.create(model="fake", prompt=prompt, max_tokens=4)
+    except Exception as e:
+        return e
+    return None
 
 
 def test_models_and_tokenize(served):

@@ -104,6 +104,7 @@ class Server:
         self.ready = False
         self.draining = False
         self.failed = threading.Event()  # a worker died; the server only rejects from now on
+        self._failure: str | None = None  # why, set before anything held is failed
         self.inflight = 0  # accepted calls not yet ended (touched on the event loop only)
         self._stop = threading.Event()
         self._changes = _Changes()
@@ -206,10 +207,13 @@ class Server:
                 if not once():
                     self._changes.wait(seen, timeout=0.5)
         except Exception as e:  # a dead worker must not leave streams hanging
+            # First the reason, then everything held: a request submitted after fail_all looked
+            # sees the reason in run() and fails itself (its batch's clients may have their
+            # errors already, and call again, before this line runs).
+            self._failure, self.ready = f"{name} failed: {e}", False
             logging.exception("worker %s failed", name)
-            self.ready = False
             asyncio.run_coroutine_threadsafe(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING), self.loop)
-            self.engine.sched.fail_all(f"{name} failed: {e}")
+            self.engine.sched.fail_all(self._failure)
             self.failed.set()
 
     # ---- requests ------------------------------------------------------------------------
@@ -284,6 +288,8 @@ class Server:
         request.listener = lambda out: self.loop.call_soon_threadsafe(outputs.put_nowait, out)
         self.inflight += 1
         self.engine.submit(request)
+        if self._failure is not None:  # a worker died while this request was admitted: no one would run it
+            self.engine.sched.fail([request], self._failure)
         try:
             while True:
                 out = await outputs.get()
