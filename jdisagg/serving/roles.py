@@ -46,7 +46,9 @@ DEAD_AFTER_S = flags.DEFINE_float("dead_after_s", 3.0, "router: an instance sile
 MAX_RETRIES = flags.DEFINE_integer(
     "max_retries", 3, "router: times a request is recomputed after failures before it ends UNAVAILABLE."
 )
-COORDINATOR = flags.DEFINE_string("coordinator", None, "Multi-host instance: process 0's host:port.")
+COORDINATOR = flags.DEFINE_string(
+    "coordinator", None, "Multi-host instance: process 0's host:port; auto: let JAX find it (TPU VM slices)."
+)
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Multi-host instance: its JAX processes.")
 PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-host instance: this process's index.")
 TEST_FAULTS = flags.DEFINE_bool("test_faults", False, "prefill/decode: accept the Fault RPC (tests only).")
@@ -118,7 +120,10 @@ def _instance(role, model, mesh, dtype, host, metrics_port, drain_timeout) -> No
         import jax
 
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
+        if COORDINATOR.value == "auto":  # a TPU VM slice (or a cluster JAX detects): it finds its peers
+            jax.distributed.initialize()
+        else:
+            jax.distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
     from jdisagg import cards
     from jdisagg.preset import load_preset
     from jdisagg.serving.instance import InstanceServer

@@ -49,11 +49,12 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jdisagg.transfer.base import KVTransfer
 from jdisagg.transfer.reshard import Box, Target, _box, _intersect, move
 
-# Settings measured on an H200 (DESIGN.md section 5: 8-16 addresses, 16-32 copies and small
-# chunks gave 14-16 GB/s over loopback, against 3 GB/s with the defaults).
-ADDRESSES = 8
-PARALLEL_COPIES = 16
-TRANSFER_SIZE = 8 * 2**20
+# Transfer-server settings: on an H200, 16 bulk addresses, 32 parallel copies and 4 MiB chunks
+# pulled a 2048-token Llama-3-8B prefix at 12.0 GB/s, 8 x 16 x 8 MiB at 10.5 (BENCHMARKS.md,
+# 2026-12-01); JAX's defaults (1 x 8 x 256 MiB) gave 3 GB/s (DESIGN.md).
+ADDRESSES = 16
+PARALLEL_COPIES = 32
+TRANSFER_SIZE = 4 * 2**20
 _TICK_UUID = 2**64 - 1  # the id the ticker registers; leases use ids below 2**63
 
 
@@ -79,7 +80,10 @@ class RemotePrefix:
 
 
 class TransferServer:
-    """This process's ``jax.experimental.transfer`` server, and its connections to others'."""
+    """This process's ``jax.experimental.transfer`` server, and its connections to others'.
+
+    It listens on ``advertise`` (this host's address that the other hosts reach) or else
+    ``host``, on free ports: one for the server, ``addresses`` for bulk transports."""
 
     def __init__(
         self,
@@ -92,11 +96,12 @@ class TransferServer:
         tick_s: float = 0.25,
     ):
         client = jax.local_devices()[0].client
+        bind = advertise or host  # the bulk transports' addresses go to peers as they are bound
         self._server = jax_transfer.start_transfer_server(
-            client, f"{host}:0", [f"{host}:0"] * addresses, parallel_copies, transfer_size
+            client, f"{bind}:0", [f"{bind}:0"] * addresses, parallel_copies, transfer_size
         )
         port = self._server.address().rsplit(":", 1)[1]
-        self.address = f"{advertise or host}:{port}"
+        self.address = f"{bind}:{port}"
         self._connections: dict[str, object] = {}
         self._lock = threading.Lock()
         self._tick = jax.device_put(np.zeros((1,), np.float32), jax.local_devices()[0])
