@@ -200,9 +200,10 @@ def to_toml(preset: MeshPreset, header: Sequence[str] = ()) -> str:
 def header(profile: Profile, target, best, copies: int, affinity: str) -> list[str]:
     """The comment lines on top of a planned preset: where it came from and what it should do."""
     w = target.workload
+    total = best.deployed if best.deployed is not None else best.rate * copies
     return [
         f"Planned by python -m jdisagg.plan search: {profile.model} on {profile.device_kind or profile.platform}",
         f"(profile {profile.source or '-'}, commit {profile.commit[:10] or '-'}), {affinity} node affinity.",
         f"Workload {w.name}, SLOs TTFT {w.slo.ttft_s:g} s / TPOT {w.slo.tpot_s:g} s at {w.target:.0%} attainment.",
-        f"Predicted goodput {best.rate * copies:.3g} req/s = {best.per_gpu:.3g} req/s/GPU; limit: {best.limit}.",
+        f"Predicted goodput {total:.3g} req/s = {total / (copies * best.gpus):.3g} req/s/GPU; limit: {best.limit}.",
     ]

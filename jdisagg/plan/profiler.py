@@ -100,7 +100,7 @@ def _serving(preset: MeshPreset) -> Serving:
         length_buckets=preset_length_buckets(preset),
         decode_attention=preset.decode_attention,
         unroll_layers=preset.unroll_layers,
-        prefill_max_batch=pre.max_batch if pre else 16,
+        prefill_max_batch=pre.max_batch if pre and pre.role == "prefill" else 16,
         decode_max_batch=dec.max_batch if dec else 64,
         batch_buckets=dec.batch_buckets if dec else (),
         chunk_tokens=chunked.chunk_tokens if chunked else 512,

@@ -121,6 +121,7 @@ class Candidate:
     limit: str = ""
     copies: int = 1  # in the deployment
     found: Found | None = None  # the simulation of it whole
+    deployed: float | None = None  # req/s of its deployment (all copies) simulated whole
 
     @property
     def gpus(self) -> int:
@@ -151,6 +152,12 @@ class Plan:
     seconds: float = 0.0
     simulations: int = 0
     servers: int = 1  # servers that each run ``preset`` (one per node with low affinity)
+
+    @property
+    def goodput(self) -> float:
+        """Predicted req/s of the whole deployment."""
+        b = self.best
+        return b.deployed if b.deployed is not None else b.rate * self.copies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,9 +249,10 @@ def _phase_layouts(profile: Profile, node_gpus: int):
 
 def limit(g: Goodput, slo: Slo, system: System) -> str:
     """What limits a system, read at the first simulated rate that missed the target: the
-    prefill queue (TTFT misses), memory (preemptions, or prefixes waiting for pages while a
-    slot is free), transfer (pulling prefixes takes a quarter of the decode loop or more),
-    or the decode batch (TPOT misses: steps too slow for the rows they carry)."""
+    prefill queue (TTFT misses while prefill is free to run), memory (preemptions, or
+    prefixes waiting for pages while a slot is free), transfer (pulling prefixes takes a
+    quarter of the decode loop or more), or the decode batch (TPOT misses, or TTFT misses
+    because decode cannot take more rows: a full batch or the prefill buffer pushing back)."""
     o = g.miss
     if o is None:
         return "none found (every simulated rate met the target)"
@@ -257,10 +265,16 @@ def limit(g: Goodput, slo: Slo, system: System) -> str:
     if (mean["preemptions"] or 0.0) > 0.01 or o.page_bound > 0.05:
         pre = mean["preemptions"] or 0.0
         return f"memory ({misses}; {pre:.2f} preemptions/request, {o.page_bound:.0%} page-bound steps)"
+    if o.host_busy > 0.8:
+        return f"host ({misses}; the one server process is busy {o.host_busy:.0%} of the time streaming tokens)"
     if o.pull_share > 0.25:
         return f"transfer ({misses}; pulls take {o.pull_share:.0%} of the decode loop)"
+    # TTFT misses come from the prefill queue, unless decode is what holds prefill back: its
+    # buffer pushes back (disaggregated), or a replica's rows sit at max_batch (colocated).
     pushed_back = system.instant_prefill or ms["decode_queue_s"] > 0.5 * ms["queue_s"] > 0
-    if ttft_miss >= tpot_miss and not (system.preset.colocated is False and pushed_back):
+    if system.preset.colocated:
+        pushed_back = o.full_batch > 0.5
+    if ttft_miss >= tpot_miss and not pushed_back:
         return f"prefill queue ({misses}; queue {ms['queue_s']:.0f} ms, prefill {ms['prefill_s']:.0f} ms mean)"
     return (
         f"decode batch ({misses}; {o.full_batch:.0%} of steps at max_batch, decode queue "
@@ -283,18 +297,20 @@ class Found:
 
 
 def _job(args) -> Found:
-    profile, target, kind, layout, guess = args
+    profile, target, kind, layout, guess, copies = args
+    if kind == "deployment":  # large systems: half the requests per point still count a thousand
+        target = dataclasses.replace(target, max_requests=target.max_requests // 2)
     s = Searcher(profile, target)
     inf, slo = math.inf, target.slo
     try:
-        system = s.system(layout, instant_prefill=kind == "decode")
+        system = s.system(layout, copies, instant_prefill=kind == "decode")
     except DoesNotFit as e:
         return Found(kind, layout, error=str(e))
     phase = "prefill" if kind == "prefill" else ""
     # Prefill alone answers to TTFT; decode (behind a prefill that takes no time, whose buffer
     # still pushes back when decode falls behind) and whole systems to both SLOs.
     slo = Slo(slo.ttft_s, inf) if kind == "prefill" else slo
-    step = 1.12 if guess else 1.3  # a unit's guess is its estimate from the phases: close
+    step = 1.12 if guess and kind == "unit" else 1.3  # a unit's estimate from the phases is close
     if not guess:
         guess = {"prefill": s.prefill_guess, "decode": s.decode_guess}.get(kind)
         if guess is None:
@@ -333,14 +349,14 @@ def search(profile: Profile, target: Target, *, jobs: int = 0, top: int = 2, pro
     simulations = 0
 
     # 1. Per phase, and whole replicas.
-    phase_jobs = [(profile, target, "prefill", L("disaggregated", tp, 1, 1, 1, 0), 0.0) for tp in prefill_tps]
-    phase_jobs += [(profile, target, "decode", L.disaggregated(tp, tp, pp, 1, 1), 0.0) for tp, pp in decode_layouts]
+    phase_jobs = [(profile, target, "prefill", L("disaggregated", tp, 1, 1, 1, 0), 0.0, 1) for tp in prefill_tps]
+    phase_jobs += [(profile, target, "decode", L.disaggregated(tp, tp, pp, 1, 1), 0.0, 1) for tp, pp in decode_layouts]
     for tp in prefill_tps:
         for kind in ("colocated", "chunked"):
             if kind == "chunked" and profile.config(tp, 1).mixed is None:
                 continue
             if preset_out.attention_compatible(profile, [], [(tp, 1)]):
-                phase_jobs.append((profile, target, kind, L.replica(kind, tp), 0.0))
+                phase_jobs.append((profile, target, kind, L.replica(kind, tp), 0.0, 1))
     phases: dict[str, float] = {}
     prefill_g: dict[int, float] = {}
     decode_g: dict[tuple[int, int], float] = {}
@@ -386,7 +402,7 @@ def search(profile: Profile, target: Target, *, jobs: int = 0, top: int = 2, pro
     units = worth_verifying(units, target, top, floor)
 
     # 3. Verify the best units, simulated whole; rank them with the best replicas.
-    verify = [(profile, target, "unit", c.layout, c.estimate) for c in units]
+    verify = [(profile, target, "unit", c.layout, c.estimate, 1) for c in units]
     estimates = {c.layout: c.estimate for c in units}
     for f in _map(verify, workers):
         simulations += f.simulations
@@ -401,6 +417,23 @@ def search(profile: Profile, target: Target, *, jobs: int = 0, top: int = 2, pro
     for c in sorted(replicas, key=lambda c: _rank(c, target)):
         best_of.setdefault(c.layout.kind if c.layout.kind != "disaggregated" else c.layout, c)
     ranked = sorted(best_of.values(), key=lambda c: _rank(c, target))
+
+    # 4. The best deployments simulated whole: the copies of a unit share one server process
+    # (one interpreter streams every token), so they need not add up.
+    # The best first; the others only if their copies add up to more than it reached.
+    deploy = [c for c in ranked[:top] if c.copies > 1 and c.rate > 0]
+    for batch in (deploy[:1], deploy[1:]):
+        reached = max((_deployed(c, target) for c in ranked if c.deployed is not None), default=0.0)
+        batch = [c for c in batch if c.copies * c.rate > reached]
+        n = [_per_server(c, target, aff) for c in batch]
+        jobs_ = [(profile, target, "deployment", c.layout, c.rate * k, k) for c, k in zip(batch, n, strict=True)]
+        for c, k, f in zip(batch, n, _map(jobs_, workers), strict=True):
+            simulations += f.simulations
+            if not f.error:
+                c.deployed, c.limit = f.rate * math.ceil(c.copies / k), f.limit
+                added = c.copies * c.rate
+                say(f"deployed {c.copies} x [{c.layout.name}]: {c.deployed:.3g} req/s (copies add up to {added:.3g})")
+    ranked.sort(key=lambda c: _rank(c, target))
     if not ranked:
         raise NoPlacement(
             f"{profile.model} fits no placement on {target.gpus} GPU(s) of "
@@ -421,11 +454,8 @@ def search(profile: Profile, target: Target, *, jobs: int = 0, top: int = 2, pro
         )
     # Low affinity over several nodes: every node serves on its own (one server per node, its
     # own scheduler), so no prefix leaves its node; the preset is one node's.
-    servers = 1
-    per_server = best.copies
-    if aff == "low" and best.copies * best.gpus > target.gpus_per_node:
-        per_server = max(1, target.gpus_per_node // best.gpus)
-        servers = math.ceil(best.copies / per_server)
+    per_server = _per_server(best, target, aff)
+    servers = math.ceil(best.copies / per_server)
     preset = preset_out.make_preset(profile, best.layout, per_server, target.gpus_per_node)
     lines = preset_out.header(profile, target, best, best.copies, aff)
     if servers > 1:
@@ -449,15 +479,26 @@ def search(profile: Profile, target: Target, *, jobs: int = 0, top: int = 2, pro
 
 
 def _deployed(c: Candidate, target: Target) -> float:
-    """Goodput (req/s) of ``c``'s deployment; 0 when it needs more GPUs than given."""
-    return c.copies * c.rate if c.copies * c.gpus <= target.gpus else 0.0
+    """Goodput (req/s) of ``c``'s deployment (simulated whole when it was, else its copies
+    added up); 0 when it needs more GPUs than given."""
+    if c.copies * c.gpus > target.gpus:
+        return 0.0
+    return c.deployed if c.deployed is not None else c.copies * c.rate
+
+
+def _per_server(c: Candidate, target: Target, aff: str) -> int:
+    """Copies of ``c`` that one server process runs (one node's worth with low affinity)."""
+    if aff == "low" and c.copies * c.gpus > target.gpus_per_node:
+        return max(1, target.gpus_per_node // c.gpus)
+    return c.copies
 
 
 def _rank(c: Candidate, target: Target):
     """Best first: with ``--rate``, the fewest GPUs that carry it; else the most goodput on the
     GPUs given (so idle GPUs count against a placement), then the best per GPU."""
     if target.rate:
-        need = c.copies * c.gpus if c.rate > 0 else math.inf
+        carries = c.rate > 0 and (c.deployed is None or c.deployed >= target.rate)
+        need = c.copies * c.gpus if carries else math.inf
         return (need if need <= target.gpus else math.inf, -c.per_gpu)
     return (-_deployed(c, target), -c.per_gpu, c.gpus)
 
@@ -472,7 +513,8 @@ def worth_verifying(units: list[Candidate], target: Target, top: int, floor: flo
         best = _rank(units[0], target)[0]
         return [c for c in units if _rank(c, target)[0] <= best][:top]
     bar = within * max(_deployed(units[0], target), floor)
-    return [c for c in units if _deployed(c, target) >= bar > 0][:top]
+    # The best by estimate always, so the table shows a disaggregated placement simulated whole.
+    return [units[0], *[c for c in units[1:] if _deployed(c, target) >= bar > 0][: top - 1]]
 
 
 def _copies(best: Candidate, target: Target, aff: str) -> int:
@@ -495,16 +537,18 @@ def table(plan: Plan, slo: Slo) -> str:
         f"{'total':>7}  what limits it",
     ]
     for i, c in enumerate(plan.candidates, 1):
+        total = c.deployed if c.deployed is not None else c.copies * c.rate
         rows.append(
             f"{i:>4}  {c.layout.name:<42} {c.gpus:>4} {c.rate:>7.3g} {c.per_gpu:>6.3g} {c.copies:>6} "
-            f"{c.copies * c.rate:>7.3g}  {c.limit}"
+            f"{total:>7.3g}  {c.limit}"
         )
     b = plan.best
     rows.append(
         f"plan: {plan.copies} x [{b.layout.name}] on {plan.gpus_used} GPU(s)"
         + (f" ({plan.servers} servers, one per node)" if plan.servers > 1 else "")
         + f", {plan.affinity} node affinity: "
-        f"predicted {b.rate * plan.copies:.3g} req/s ({b.per_gpu:.3g} req/s/GPU) at {slo.ttft_s:g} s TTFT / "
+        f"predicted {plan.goodput:.3g} req/s ({plan.goodput / plan.gpus_used:.3g} req/s/GPU) at "
+        f"{slo.ttft_s:g} s TTFT / "
         f"{slo.tpot_s:g} s TPOT ({plan.simulations} simulations, {plan.seconds:.1f} s)"
     )
     return "\n".join(rows)

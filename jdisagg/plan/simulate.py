@@ -118,6 +118,7 @@ class Outcome:
     full_batch: float = 0.0  # fraction of decode steps at max_batch
     page_bound: float = 0.0  # fraction of decode steps where pages, not slots, kept a prefix waiting
     pull_share: float = 0.0  # of the decode instances' busy time, the part spent pulling prefixes
+    host_busy: float = 0.0  # fraction of the time the one interpreter was busy
     slo: Slo = Slo(math.inf, math.inf)
 
     def summary(self, gpus: int) -> dict:
@@ -163,7 +164,7 @@ class Simulation:
         self.misses = 0
         self.busy = [0.0] * len(system.instances)
         self.steps = self.full_steps = self.page_bound_steps = 0
-        self.pull_s = self.step_s = 0.0
+        self.pull_s = self.step_s = self.host_s = 0.0
         self.gave_up = False
 
     # ---- scheduler plumbing -------------------------------------------------------------
@@ -293,6 +294,7 @@ class Simulation:
             device, host = call
             start = max(self.now, host_free) if host else self.now
             host_free = start + host if host else host_free
+            self.host_s += host
             done = start + host + device
             self.busy[w] += done - self.now
             seq += 1
@@ -343,6 +345,7 @@ class Simulation:
             self.full_steps / self.steps if self.steps else 0.0,
             self.page_bound_steps / self.steps if self.steps else 0.0,
             self.pull_s / (self.pull_s + self.step_s) if self.step_s else 0.0,
+            self.host_s / self.now if self.now else 0.0,
             self.slo or Slo(math.inf, math.inf),
         )
         return out
