@@ -2,7 +2,8 @@
 (tiny-llama; prefill tp=2 -> decode pp=2 and tp=2, so one pair's KV is cut into other shard
 splits on the prefill side), KV moved between them over ``jax.experimental.transfer`` with
 checksums on. One deployment serves the whole module; the fault tests come after the
-equality test, and the ``kill -9`` test runs last (it ends a decode process)."""
+equality test, then the ``kill -9`` tests (a prefill, a decode, then the last decode process,
+and a new decode process joins the running router)."""
 
 import asyncio
 import concurrent.futures
@@ -12,7 +13,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from deployment import Deployment, wait_until
+from deployment import Deployment, metrics, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -234,14 +235,16 @@ def test_health_reflection_and_model_info(target):
     assert [i.role for i in info.instances] == ["prefill", "prefill", "decode", "decode"]
 
 
-def _fault(deployment, stage_hang: int, names=("prefill0", "prefill1")) -> None:
+def _fault(deployment, stage_hang: int = 0, names=("prefill0", "prefill1"), prefill_delay_s: float = 0) -> None:
     """Makes the prefill processes answer their next ``stage_hang`` Stage calls without offering
-    the KV, so the decode side's pull hangs until its timeout."""
+    the KV (the decode side's pull hangs until its timeout), or wait ``prefill_delay_s`` before
+    each prefill call."""
+    fault = ipb.FaultRequest(stage_hang=stage_hang, prefill_delay_s=prefill_delay_s)
     for name in names:
         proc = deployment.instances[name]
         port = proc.wait_for(r"^jdisagg\.serve: ready \S+ on \S+:(\d+)$", 5).group(1)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            ipb_grpc.InstanceStub(channel).Fault(ipb.FaultRequest(stage_hang=stage_hang), timeout=10)
+            ipb_grpc.InstanceStub(channel).Fault(fault, timeout=10)
 
 
 def _leases(deployment) -> float:
@@ -301,9 +304,43 @@ def test_a_transfer_that_keeps_timing_out_ends_unavailable(target, deployment):
     _settled(deployment)
 
 
+def _router(deployment, name: str) -> float:
+    return metrics(deployment.router_metrics).get(name, 0.0)
+
+
+def test_kill_9_of_a_prefill_process_with_queued_requests(target, deployment, offline):
+    """A prefill process that dies with requests on it (here: stuck in a slow prefill call):
+    they go to the other prefill instance and complete with the same tokens."""
+    victim = deployment.instances["prefill1"]
+    _fault(deployment, names=["prefill1"], prefill_delay_s=60)
+    prompts = [[60 + i, 61 + i, 62 + i] for i in range(6)]
+    want = offline.generate(prompts, SamplingParams(max_tokens=5, ignore_eos=True))
+    retries = _router(deployment, "jdisagg_router_retries_total")
+
+    async def run():
+        async with AsyncClient(target, timeout=CALL_TIMEOUT) as client:
+            # All at once: the router spreads them over both prefill instances (least prompt tokens waiting).
+            calls = [asyncio.create_task(client.complete(p, max_tokens=5, ignore_eos=True)) for p in prompts]
+            await asyncio.to_thread(
+                wait_until, lambda: _router(deployment, "jdisagg_prefill_queue_depth") >= 1, 10, "requests stuck"
+            )
+            victim.proc.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            done = await asyncio.gather(*calls)
+            return done, time.monotonic() - killed
+
+    done, after_kill = asyncio.run(run())
+    assert victim.proc.wait(10) == -signal.SIGKILL
+    assert [d.token_ids for d in done] == [w.tokens for w in want]
+    assert after_kill < BOUND_S
+    assert _router(deployment, "jdisagg_router_retries_total") > retries  # it was recomputed elsewhere
+    wait_until(lambda: deployment.serving("prefill") == 1, BOUND_S, "the router dropped the dead prefill")
+    _settled(deployment)
+
+
 def test_kill_9_of_a_decode_process_mid_stream(target, deployment, offline):
-    """Runs last: its streams complete on the other decode instance (recomputed) or end with
-    UNAVAILABLE within the bound; new requests succeed; the survivors hold nothing."""
+    """Its streams complete on the other decode instance (recomputed) or end with UNAVAILABLE
+    within the bound; new requests succeed; the survivors hold nothing."""
     prompts = [[20 + i, 30 + i, 40 + i] for i in range(8)]
     params = SamplingParams(max_tokens=56, ignore_eos=True)
     want = offline.generate(prompts, params)
@@ -343,6 +380,25 @@ def test_kill_9_of_a_decode_process_mid_stream(target, deployment, offline):
     wait_until(lambda: deployment.serving("decode") == 1, BOUND_S, "the router dropped the dead instance")
     with Client(target, timeout=CALL_TIMEOUT) as client:
         assert client.health() == "SERVING"  # a prefill/decode pair remains
+        done = client.complete([1, 2, 3], max_tokens=5, ignore_eos=True)
+    [w] = offline.generate([[1, 2, 3]], SamplingParams(max_tokens=5, ignore_eos=True))
+    assert done.token_ids == w.tokens
+    _settled(deployment)
+
+
+def test_no_pair_left_is_not_serving_until_an_instance_joins(target, deployment, offline):
+    """Runs last. With the last decode process gone, health turns NOT_SERVING and requests end
+    UNAVAILABLE; a new decode process joining the running router makes it serve again."""
+    victim = deployment.instances["decode1"]
+    victim.proc.send_signal(signal.SIGKILL)
+    with Client(target, timeout=CALL_TIMEOUT) as client:
+        wait_until(lambda: client.health() == "NOT_SERVING", BOUND_S, "NOT_SERVING without a decode instance")
+        with pytest.raises(grpc.RpcError) as err:
+            client.complete([1, 2, 3], max_tokens=3)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        deployment.start("decode", 0, name="decode0-again")
+        deployment.wait_ready(["decode0-again"])
+        wait_until(lambda: client.health() == "SERVING", 60, "SERVING once a decode instance joined")
         done = client.complete([1, 2, 3], max_tokens=5, ignore_eos=True)
     [w] = offline.generate([[1, 2, 3]], SamplingParams(max_tokens=5, ignore_eos=True))
     assert done.token_ids == w.tokens

@@ -267,10 +267,12 @@ class DecodeEvent(_message.Message):
     def __init__(self, tokens: _Optional[_Union[Tokens, _Mapping]] = ..., pulled: _Optional[_Union[Pulled, _Mapping]] = ..., ended: _Optional[_Union[Ended, _Mapping]] = ...) -> None: ...
 
 class FaultRequest(_message.Message):
-    __slots__ = ("stage_hang",)
+    __slots__ = ("stage_hang", "prefill_delay_s")
     STAGE_HANG_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_DELAY_S_FIELD_NUMBER: _ClassVar[int]
     stage_hang: int
-    def __init__(self, stage_hang: _Optional[int] = ...) -> None: ...
+    prefill_delay_s: float
+    def __init__(self, stage_hang: _Optional[int] = ..., prefill_delay_s: _Optional[float] = ...) -> None: ...
 
 class FaultResponse(_message.Message):
     __slots__ = ()

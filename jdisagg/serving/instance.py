@@ -140,6 +140,7 @@ class _Faults:
     """Test-only faults (``Fault`` RPC; refused unless started with ``test_faults``)."""
 
     stage_hang = 0
+    prefill_delay_s = 0.0
 
 
 class InstanceServer:
@@ -364,6 +365,8 @@ class InstanceServer:
         batch = self.sched.take_prefill(0)
         if batch is None:
             return False
+        if self.faults is not None and self.faults.prefill_delay_s:
+            time.sleep(self.faults.prefill_delay_s)
         try:
             prefixes = self.instances.prefill[0].run(batch.prompts, batch.params)
         except Exception as e:  # the batch is in no queue now: end it here, then let the worker die
@@ -690,7 +693,7 @@ class InstanceServer:
     async def fault(self, req: ipb.FaultRequest, context) -> ipb.FaultResponse:
         if self.faults is None:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "started without --test_faults")
-        self.faults.stage_hang = req.stage_hang
+        self.faults.stage_hang, self.faults.prefill_delay_s = req.stage_hang, req.prefill_delay_s
         return ipb.FaultResponse()
 
 
