@@ -286,8 +286,8 @@ class InstanceServer:
         if self.router_address:
             try:
                 self._run(self._leave())
-            except Exception as e:
-                logging.warning("could not leave the router: %s", e)
+            except grpc.aio.AioRpcError as e:  # it is gone or stopping too
+                logging.warning("could not leave the router: %s", e.code().name)
         deadline = time.monotonic() + timeout
         while self._waiters and time.monotonic() < deadline:
             time.sleep(0.05)
