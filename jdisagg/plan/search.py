@@ -209,9 +209,9 @@ class Searcher:
     def outcome(self, system: System, rate: float, slo: Slo, phase: str = "", give_up: bool = True) -> Outcome:
         w = self.w
         if w.name != "trace" and rate * w.duration_s > self.target.max_requests:
-            # A fast system: a shorter window still counts max_requests (and warms up as long).
-            duration = self.target.max_requests / rate
-            w = dataclasses.replace(w, duration_s=duration, warmup_s=min(w.warmup_s, duration))
+            # A fast system: a shorter counted window still holds max_requests, after the same
+            # warm-up (a shorter one would measure a system still filling up).
+            w = dataclasses.replace(w, duration_s=self.target.max_requests / rate)
         [arrivals] = simulate.points(w, [rate], system.preset.max_seq_len)
         if phase == "prefill":  # requests end at their first token
             arrivals = Arrivals(arrivals.rate, arrivals.times, [(i, 1) for i, _ in arrivals.lengths], arrivals.warmup)
@@ -537,11 +537,16 @@ def table(plan: Plan, slo: Slo) -> str:
         f"{'total':>7}  what limits it",
     ]
     for i, c in enumerate(plan.candidates, 1):
-        total = c.deployed if c.deployed is not None else c.copies * c.rate
+        if c.deployed is not None:
+            total = f"{c.deployed:.3g}"
+        else:
+            total = f"{c.rate:.3g}" if c.copies == 1 else f"<={c.copies * c.rate:.3g}"
         rows.append(
             f"{i:>4}  {c.layout.name:<42} {c.gpus:>4} {c.rate:>7.3g} {c.per_gpu:>6.3g} {c.copies:>6} "
-            f"{total:>7.3g}  {c.limit}"
+            f"{total:>7}  {c.limit}"
         )
+    if any(c.deployed is None and c.copies > 1 for c in plan.candidates):
+        rows.append("<=: copies added up (not simulated whole: already below the best deployment)")
     b = plan.best
     rows.append(
         f"plan: {plan.copies} x [{b.layout.name}] on {plan.gpus_used} GPU(s)"
