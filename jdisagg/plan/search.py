@@ -19,11 +19,14 @@ Steps:
    holding the same layers on the same node" means a decode instance sits on the node of
    every prefill instance that feeds it). The affinity follows ``--cross_node_gbps``:
    high when the mean prefix crosses nodes in under a tenth of the TPOT SLO.
-3. **Verify**: the best units by estimate, and the best colocated and chunked replica, are
-   simulated whole (both SLOs, transfer and decode queueing included); their measured
-   goodput ranks them. The deployment is as many copies of the best unit as the GPUs (or
+3. **Verify**: the best units by estimate are simulated whole (both SLOs, transfer and
+   decode queueing included). The deployment is as many copies of a unit as the GPUs (or
    ``--rate``) call for; with ``--rate`` Algorithm 1's ``n = ceil(R / g_P)``,
    ``m = ceil(R / g_D)`` sizes the disaggregated units instead.
+4. **Deploy**: the best deployments are simulated whole too, all copies in one server
+   process (one interpreter streams every token, so copies need not add up); their goodput
+   on the GPUs given ranks the candidates, colocated and chunked replicas among them, so the
+   plan is never worse than those baselines on the simulated workload.
 
 Only placements whose weights, page pool and prefill buffer fit the device memory (the
 engine's own sizing, ``system.build``) are considered. Every simulation is deterministic, so

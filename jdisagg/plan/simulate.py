@@ -15,10 +15,13 @@ system; with ``warmup_s`` the earlier arrivals load the system but are not count
 Attainment, goodput and the latency summary come from ``jdisagg.bench.stats``. A run is a
 pure function of its inputs: the same seed gives the same numbers.
 
-What is not simulated: the host's own contention (the server's threads share one
-interpreter; the profile's ``host`` costs stand for the scheduler's per-step work), gRPC,
-and the spread of per-token gaps (a request's tokens are taken as evenly spaced between its
-first and last, which is all TPOT and attainment read).
+Each call's time has a device part (the fits) and a host part (``System.host_seconds``: the
+scheduler's work per step and row, and the server's per streamed token, calibrated). The
+instances of one server process share one interpreter, so host parts run one at a time
+across instances: on many GPUs in one process the host becomes the limit, as it does in the
+server. What is not simulated: other processes on the host, the client and gRPC on the way
+in, and the spread of per-token gaps (a request's tokens are taken as evenly spaced between
+its first and last, which is all TPOT and attainment read).
 """
 
 from __future__ import annotations
