@@ -4,6 +4,8 @@ small grid, and a planned preset that serves the default model."""
 
 import dataclasses
 
+import jax
+import numpy as np
 import pytest
 
 from jdisagg import cards
@@ -27,7 +29,12 @@ def _profile(cfg, **kw):
 @pytest.mark.parametrize("mesh", ["cpu-2p2d", "cpu-chunked", "cpu-single", "cpu-tp4-pp2tp2"])
 def test_system_derives_what_the_engine_builds(mesh, monkeypatch):
     loaded = cards.open_model(cards.load_card("tiny-llama"))
-    monkeypatch.setattr(loaded, "place", lambda shardings: shardings)  # runners only hold params
+    abstract = _abstract()
+
+    def zeros(shardings):  # weights need no values here: zeros, without compiling an init
+        return jax.tree_util.tree_map(lambda a, s: jax.device_put(np.zeros(a.shape, a.dtype), s), abstract, shardings)
+
+    monkeypatch.setattr(loaded, "place", zeros)
     preset = load_preset(mesh)
     built = Instances.build(loaded, preset)
     s = system.build(preset, _profile(loaded.cfg))
@@ -70,7 +77,7 @@ def test_profiler_writes_a_profile_the_planner_reads(tmp_path):
     c = q.config(1, 1)
     assert q.platform == "cpu" and q.serving.length_buckets == (32, 64) and q.serving.chunk_tokens == 16
     assert c.prefill and c.decode and c.mixed and c.insert and c.L_m in (32, 64, 96, 128)
-    assert c.weight_bytes == sum(x.size * 4 for x in __import__("jax").tree_util.tree_leaves(_abstract()))
+    assert c.weight_bytes == sum(x.size * 4 for x in jax.tree_util.tree_leaves(_abstract()))
     assert all(f.errors for f in (c.prefill, c.decode)) and len(c.points["decode"]) >= 4
     # The planner runs on it: a one-device replica's goodput on a short workload.
     w = simulate.Workload("fixed", Slo(5, 1), input_len=40, output_len=8, warmup_s=0, duration_s=4)

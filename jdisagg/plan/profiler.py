@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -242,7 +243,7 @@ class Profiler:
             base = next((i.token_budget for i in self.preset.instances if i.runs_prefill), 2048)
             wanted = {runner.token_buckets[-1], bucket_for(min(base, self.budget), runner.token_buckets)}
             for p in runner.programs():
-                n = int(p.label.split("=")[1])
+                n = int(re.search(r"N=(\d+)", p.label).group(1))
                 if n in wanted:
                     scratch[n] = p.jitted.lower(*p.args).compile().memory_analysis().temp_size_in_bytes
             del runner
