@@ -7,6 +7,8 @@
 #   launch/plan_gpu.sh OUT [HUMANEVAL_LENGTHS]
 #   MODEL=llama3-8b SECOND=opt-13b MESH=gpu-1 DEADLINE_S=540 launch/plan_gpu.sh /tmp/plan
 #
+# Then: python -m jdisagg.plan calibrate --profile OUT/MODEL.DEVICE.json --result OUT/MODEL.MESH.code.json.gz
+# --mesh MESH (the host's cost per streamed token), and simulate again (BENCHMARKS.md, "Planner").
 # Environment: MODEL (profiled, predicted and measured; llama3-8b), SECOND (profiled only;
 # opt-13b, on the quick grid; empty: none), MESH (gpu-1), DEADLINE_S (seconds the whole run may take; the second
 # profile gets what is left), SECONDS_PER_RATE (12) and WARMUP_S (6) per bench point.
@@ -38,7 +40,7 @@ chat=$(rates "$out/predicted.$model.$mesh.chat.json") code=$(rates "$out/predict
 stamp "measure $mesh: chat at $chat, code at $code req/s"
 WARMUP_S=${WARMUP_S:-6} timeout $(($(left) - 60)) launch/gpu_experiment.sh /tmp/plan_exp "$model" "$mesh" \
   "chat:$chat code:$code" "${SECONDS_PER_RATE:-12}" "$he"
-cp /tmp/plan_exp/"$model.$mesh".*.json "$out/" 2>/dev/null
+cp /tmp/plan_exp/"$model.$mesh".*.json.gz "$out/" 2>/dev/null  # bench results are gzipped
 tail -5 /tmp/plan_exp/"$model.$mesh".serve.log > "$out/serve.tail.log" 2>/dev/null
 
 if [[ -n $second && $(left) -gt 60 ]]; then
@@ -49,14 +51,14 @@ fi
 
 stamp "done"
 python3 - "$out" "$model" "$mesh" <<'EOF'
-import json, sys
+import gzip, json, sys
 from pathlib import Path
 out, model, mesh = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 print(f"{'workload':>8} {'predicted':>10} {'measured':>10} {'ratio':>6}   (req/s/GPU, {model}, {mesh})")
 for w in ("chat", "code"):
     try:
         p = json.loads((out / f"predicted.{model}.{mesh}.{w}.json").read_text())["results"][0]["goodput"]
-        m = json.loads((out / f"{model}.{mesh}.{w}.json").read_text())["goodput"]
+        m = json.loads(gzip.decompress((out / f"{model}.{mesh}.{w}.json.gz").read_bytes()))["goodput"]
     except (OSError, KeyError, ValueError) as e:
         print(f"{w:>8} missing: {e}")
         continue
