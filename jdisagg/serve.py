@@ -37,6 +37,9 @@ _HTTP_PORT = flags.DEFINE_integer("http_port", None, "OpenAI-compatible HTTP API
 _API_KEY = flags.DEFINE_string("api_key", None, "Require this bearer key on gRPC and HTTP (default $JDISAGG_API_KEY).")
 _TLS_CERT = flags.DEFINE_string("tls_cert", None, "PEM certificate chain: gRPC and HTTP over TLS (with --tls_key).")
 _TLS_KEY = flags.DEFINE_string("tls_key", None, "PEM private key of --tls_cert.")
+_RECORD_TRACE = flags.DEFINE_string(
+    "record_trace", None, "Append each finished request (arrival, input, output lengths; no text) to this JSONL file."
+)
 
 
 def main(argv: list[str]) -> None:
@@ -55,6 +58,7 @@ def main(argv: list[str]) -> None:
             max_queue=_MAX_QUEUE.value,
             http_port=_HTTP_PORT.value,
             access=access,
+            record_trace=_RECORD_TRACE.value,
         )
 
     try:

@@ -3,6 +3,7 @@ kind of worker failure, cancellation and deadlines freeing what a request holds,
 metrics counting every ending. Nothing compiles, so these run in seconds."""
 
 import concurrent.futures
+import json
 import math
 import threading
 import time
@@ -31,12 +32,12 @@ pages = 64
 
 
 class Served:
-    def __init__(self, preset=PRESET, tokenizer=None, ready=True, max_queue=64):
+    def __init__(self, preset=PRESET, tokenizer=None, ready=True, max_queue=64, record_trace=None):
         self.engine = fakes.fake_engine(preset, tokenizer=tokenizer)
         self.submitted = []
         submit = self.engine.submit
         self.engine.submit = lambda r: self.submitted.append(r) or submit(r)
-        self.server = Server(self.engine, port=0, max_queue=max_queue)
+        self.server = Server(self.engine, port=0, max_queue=max_queue, record_trace=record_trace)
         self.server.start()
         if ready:
             self.server.set_ready()
@@ -291,3 +292,27 @@ def test_full_queue_is_resource_exhausted_and_nothing_accepted_is_lost():
     finally:
         gate.set()
         s.close()
+
+
+def test_the_server_records_the_workload_it_serves(tmp_path):
+    """--record_trace: one line per finished request (no text), in the trace format the
+    benchmark replays and the planner plans from; cancelled requests are left out."""
+    from jdisagg.bench.workloads import read_trace
+
+    path = tmp_path / "served.jsonl"
+    s = Served(record_trace=str(path))
+    try:
+        _collect(s.stub, _ids([5] * 7, max_tokens=3, ignore_eos=True))
+        _collect(s.stub, _ids([5] * 20, max_tokens=9, ignore_eos=True))
+        s.engine.decode[0].runner.delay = 0.01
+        call = s.stub.Generate(_ids([5] * 3, max_tokens=200, ignore_eos=True), timeout=30)
+        next(call)
+        call.cancel()
+        _wait(lambda: s.sample("jdisagg_requests_total", finish_reason="cancelled") == 1)
+    finally:
+        s.close()
+    entries = read_trace(path)
+    assert [(e.input_len, e.output_len) for e in entries] == [(7, 3), (20, 9)]
+    assert 0 <= entries[0].timestamp <= entries[1].timestamp
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert all(set(line) == {"timestamp", "input_len", "output_len"} for line in lines)  # no text

@@ -134,6 +134,7 @@ class Cluster:
         self.heartbeat_s, self.dead_after_s, self.max_retries = heartbeat_s, dead_after_s, max_retries
         self.sched = self  # Server reads ``engine.sched.load()`` and sets ``engine.sched.on_change``
         self.on_change = None
+        self.clock = time.perf_counter  # what request times are on (a trace recorder reads it)
         self.loops: list = []  # no workers in this process
         self.decode = [_Pool(s.pages) for s in preset.decode]
         self.members: dict[str, Member] = {}

@@ -41,6 +41,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jdisagg.engine import Engine
+from jdisagg.plan.trace import TraceRecorder
 from jdisagg.proto import jdisagg_pb2 as pb
 from jdisagg.sched.params import SamplingParams
 from jdisagg.sched.request import Output, Request
@@ -97,8 +98,11 @@ class Server:
         metrics: Metrics | None = None,
         http_port: int | None = None,
         access: Access | None = None,
+        record_trace: str | None = None,
     ):
         self.engine, self.max_queue, self.access = engine, max_queue, access or Access()
+        # The workload as served (arrival, input and output lengths; no text), for replanning.
+        self.trace = TraceRecorder(record_trace, clock=engine.sched.clock) if record_trace else None
         self.metrics = metrics or Metrics()
         self.metrics.watch(engine.sched.load, len(engine.decode))
         self.ready = False
@@ -195,6 +199,8 @@ class Server:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._loop_thread.join(timeout=10)
         self._intake_pool.shutdown(wait=False, cancel_futures=True)
+        if self.trace is not None:
+            self.trace.close()
 
     async def _set_health(self, status) -> None:
         for name in ("", SERVICE):
@@ -330,6 +336,8 @@ class Server:
         if r.transfer_bytes:
             m.transfer.observe(r.transfer_s)
             m.transfer_bytes.observe(r.transfer_bytes)
+        if self.trace is not None:
+            self.trace.record(r)
 
     # ---- gRPC ----------------------------------------------------------------------------
 
