@@ -220,20 +220,35 @@ def logits(cfg: ModelConfig, params: dict, x_bd: jax.Array) -> jax.Array:
     return Head(cfg).apply({"params": params["head"]}, x_bd, params["embed"]["tokens"]["embedding"])
 
 
+def layer_step(cfg: ModelConfig, layer: dict, x_btd: jax.Array, pos_bt: jax.Array, kv, index):
+    """One layer (``layer``: its parameters, no leading L) against cache ``kv``, whose layer
+    ``index`` it reads and writes. Returns the hidden states and the updated cache."""
+    q, k, v = block_qkv(cfg, layer, x_btd, pos_bt)
+    attn_btnh, kv = kv.attend(index, q, k, v, pos_bt)
+    return block_finish(cfg, layer, x_btd, attn_btnh), kv
+
+
 def forward_layers(cfg: ModelConfig, layers: dict, x_btd: jax.Array, pos_bt: jax.Array, kv, *, unroll: bool):
     """Runs every layer in ``layers`` (stacked on axis 0) against cache ``kv``.
 
     ``kv`` holds exactly the layers in ``layers`` (a pipeline stage passes its own slice).
-    ``unroll`` unrolls the loop over them (the preset's ``unroll_layers``: on GPUs XLA copies
-    each layer's weights out of the stack inside the loop, ~2x slower decode).
+    ``unroll`` unrolls the loop over them (the preset's ``unroll_layers``). Inside the loop
+    XLA reads each layer's weights in place on GPUs with cuBLAS matmuls
+    (``runtime.compile.XLA_OPTIONS``); XLA:CPU copies them out of the stack, so instances of
+    one CPU device run the loop from the host instead (``jdisagg.model.host_loop``).
     Returns the hidden states and the updated cache.
     """
 
     def body(carry, layer):
         x_btd, kv, index = carry
-        q, k, v = block_qkv(cfg, layer, x_btd, pos_bt)
-        attn_btnh, kv = kv.attend(index, q, k, v, pos_bt)
-        return (block_finish(cfg, layer, x_btd, attn_btnh), kv, index + 1), None
+        x_btd, kv = layer_step(cfg, layer, x_btd, pos_bt, kv, index)
+        return (x_btd, kv, index + 1), None
 
     (x_btd, kv, _), _ = jax.lax.scan(body, (x_btd, kv, jnp.int32(0)), layers, unroll=unroll)
     return x_btd, kv
+
+
+def unstack_layers(layers: dict) -> tuple[dict, ...]:
+    """The stacked layer parameters as one tree per layer (new arrays, on the same devices)."""
+    n = jax.tree_util.tree_leaves(layers)[0].shape[0]
+    return tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], layers) for i in range(n))

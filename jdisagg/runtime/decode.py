@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jdisagg.model import axes, decoder, sharding
+from jdisagg.model import axes, decoder, host_loop, sharding
 from jdisagg.model.attention import NULL_PAGE, MixedKV, PagedKV
 from jdisagg.model.config import ModelConfig
 from jdisagg.model.decoder import forward_layers
@@ -80,6 +80,20 @@ def pipeline(
     return out_m.reshape(x_btd.shape), kv.replace(k_pages=_merge_stages(k_s), v_pages=_merge_stages(v_s))
 
 
+def decode_embed(cfg: ModelConfig, params, tokens_b, pos_b):
+    """[B, 1, D]: each request's last token, embedded."""
+    return decoder.embed(cfg, params, tokens_b[:, None], pos_b[:, None])
+
+
+def decode_layer(cfg: ModelConfig, layer, kv: PagedKV, x_btd, pos_b, index):
+    """One layer of the decode step (the host loop's program)."""
+    return decoder.layer_step(cfg, layer, x_btd, pos_b[:, None], kv, index)
+
+
+def decode_head(cfg: ModelConfig, params, x_btd, s: SamplingArrays, pos_b) -> Sampled:
+    return sample(decoder.logits(cfg, params, x_btd[:, 0]), s, pos_b + 1)
+
+
 def decode_step(
     cfg: ModelConfig,
     params,
@@ -101,7 +115,7 @@ def decode_step(
     Returns what was sampled (``Sampled``, [B]) and the updated page pools.
     """
     kv = PagedKV(k_pages, v_pages, page_table_bp, decode_attention)
-    x_btd = decoder.embed(cfg, params, tokens_b[:, None], pos_b[:, None])
+    x_btd = decode_embed(cfg, params, tokens_b, pos_b)
     if stages == 1 and micro == 1:
         x_btd, kv = forward_layers(cfg, params["layers"], x_btd, pos_b[:, None], kv, unroll=unroll)
     else:
@@ -116,7 +130,38 @@ def decode_step(
             stage_sharding=stage_sharding,
             unroll=unroll,
         )
-    return sample(decoder.logits(cfg, params, x_btd[:, 0]), s, pos_b + 1), kv.k_pages, kv.v_pages
+    return decode_head(cfg, params, x_btd, s, pos_b), kv.k_pages, kv.v_pages
+
+
+class HostDecodeStep:
+    """``decode_step`` (same arguments and results) with the layer loop run from the host
+    (``jdisagg.model.host_loop``): an embed program, one program per layer, a head program."""
+
+    def __init__(self, cfg: ModelConfig, layers: tuple[dict, ...], mesh: Mesh, decode_attention: str):
+        self.layers, self.decode_attention = layers, decode_attention
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self.embed = jax.jit(functools.partial(decode_embed, cfg), compiler_options=XLA_OPTIONS)
+        self.layer = jax.jit(functools.partial(decode_layer, cfg), donate_argnums=1, compiler_options=XLA_OPTIONS)
+        self.head = jax.jit(functools.partial(decode_head, cfg), compiler_options=XLA_OPTIONS)
+
+    def __call__(self, params, k_pages, v_pages, tokens_b, pos_b, page_table_bp, s):
+        # On the device once, not once per layer call.
+        tokens_b, pos_b, page_table_bp = jax.device_put((tokens_b, pos_b, page_table_bp), self.replicated)
+        x_btd = self.embed(params, tokens_b, pos_b)
+        kv = PagedKV(k_pages, v_pages, page_table_bp, self.decode_attention)
+        x_btd, kv = host_loop.run_layers(self.layer, self.layers, kv, x_btd, pos_b)
+        return self.head(params, x_btd, s, pos_b), kv.k_pages, kv.v_pages
+
+    def programs(self, label: str, params, k_pages, v_pages, tokens_b, pos_b, page_table_bp, s, *, head: bool):
+        """The layer program (and with ``head`` the embed and head programs) at these shapes."""
+        x_btd = jax.eval_shape(self.embed, params, tokens_b, pos_b)
+        x_btd = jax.ShapeDtypeStruct(x_btd.shape, x_btd.dtype, sharding=self.replicated)
+        kv = PagedKV(k_pages, v_pages, page_table_bp, self.decode_attention)
+        out = [Program(f"{label} layer", self.layer, (self.layers[0], kv, x_btd, pos_b, np.int32(0)))]
+        if head:
+            out.append(Program(f"{label} embed", self.embed, (params, tokens_b, pos_b)))
+            out.append(Program(f"{label} head", self.head, (params, x_btd, s, pos_b)))
+        return out
 
 
 def mixed_step(
@@ -206,20 +251,26 @@ class DecodeRunner:
         zeros = jax.jit(lambda: jnp.zeros(shape, cfg.dtype), out_shardings=self.pages_sharding)
         self.k_pages, self.v_pages = zeros(), zeros()
         replicated = NamedSharding(mesh, PartitionSpec())
-        self._step = jax.jit(
-            functools.partial(
-                decode_step,
-                cfg,
-                stages=stages,
-                micro=micro_batches,
-                stage_sharding=stage_sharding,
-                unroll=unroll,
-                decode_attention=decode_attention,
-            ),
-            donate_argnums=(1, 2),
-            out_shardings=(replicated, self.pages_sharding, self.pages_sharding),
-            compiler_options=XLA_OPTIONS,
-        )
+        # One device on CPU: the layer loop runs from the host (jdisagg.model.host_loop).
+        self.host_loop = host_loop.on_host(mesh) and stages == 1 and micro_batches == 1
+        if self.host_loop:
+            layers = host_loop.shared_unstack(params, decoder.unstack_layers)
+            self._step = HostDecodeStep(cfg, layers, mesh, decode_attention)
+        else:
+            self._step = jax.jit(
+                functools.partial(
+                    decode_step,
+                    cfg,
+                    stages=stages,
+                    micro=micro_batches,
+                    stage_sharding=stage_sharding,
+                    unroll=unroll,
+                    decode_attention=decode_attention,
+                ),
+                donate_argnums=(1, 2),
+                out_shardings=(replicated, self.pages_sharding, self.pages_sharding),
+                compiler_options=XLA_OPTIONS,
+            )
         self._insert = jax.jit(insert_prefix, donate_argnums=(0, 1), out_shardings=(self.pages_sharding,) * 2)
         self._mixed = jax.jit(
             functools.partial(mixed_step, cfg, unroll=unroll, decode_attention=decode_attention),
@@ -300,7 +351,11 @@ class DecodeRunner:
         for b in self.batch_buckets:
             for w in self.width_buckets:
                 rows = ([0] * b, [-1] * b, [[NULL_PAGE] * w] * b, [SamplingParams()] * b)
-                out.append(Program(f"decode B={b} W={w}", self._step, (*state, *self._step_inputs(*rows))))
+                args = (*state, *self._step_inputs(*rows))
+                if self.host_loop:
+                    out += self._step.programs(f"decode B={b} W={w}", *args, head=w == self.width_buckets[0])
+                else:
+                    out.append(Program(f"decode B={b} W={w}", self._step, args))
                 if self.chunk_tokens:
                     inputs = self._mixed_inputs(*rows, [0], 0, [], SamplingParams())
                     out.append(Program(f"chunked B={b} W={w}", self._mixed, (*state, *inputs)))

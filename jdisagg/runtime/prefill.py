@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from jdisagg.model import attention, axes, decoder, sharding
+from jdisagg.model import attention, axes, decoder, host_loop, sharding
 from jdisagg.model.attention import PromptKV
 from jdisagg.model.config import ModelConfig
 from jdisagg.model.decoder import forward_layers
@@ -47,12 +47,57 @@ def prefill_step(
     (S rows, padding rows index 0). Returns the first sampled token of each prompt
     (``Sampled``, [S]) and the row's KV [L, 1, N, K, H] x 2. ``kernel``: attention by the
     flash kernel (``attention.prompt_kernel``)."""
-    n = tokens_1n.shape[1]
-    x_1nd = decoder.embed(cfg, params, tokens_1n, pos_1n)
-    empty = PromptKV.empty(cfg, 1, n, segment_1n, kernel=kernel)
+    x_1nd, empty = prefill_embed(cfg, params, tokens_1n, pos_1n, segment_1n, kernel=kernel)
     x_1nd, kv = forward_layers(cfg, params["layers"], x_1nd, pos_1n, empty, unroll=unroll)
-    first = sample(decoder.logits(cfg, params, x_1nd[0, last_s]), s, pos_1n[0, last_s] + 1)
-    return first, kv.k, kv.v
+    return prefill_head(cfg, params, x_1nd, pos_1n, last_s, s), kv.k, kv.v
+
+
+def prefill_embed(cfg: ModelConfig, params, tokens_1n, pos_1n, segment_1n, *, kernel: bool):
+    """The row embedded, and the empty cache its layers fill."""
+    x_1nd = decoder.embed(cfg, params, tokens_1n, pos_1n)
+    return x_1nd, PromptKV.empty(cfg, 1, tokens_1n.shape[1], segment_1n, kernel=kernel)
+
+
+def prefill_layer(cfg: ModelConfig, layer, kv: PromptKV, x_1nd, pos_1n, index):
+    """One layer of the prefill step (the host loop's program)."""
+    return decoder.layer_step(cfg, layer, x_1nd, pos_1n, kv, index)
+
+
+def prefill_head(cfg: ModelConfig, params, x_1nd, pos_1n, last_s, s: SamplingArrays):
+    """Each prompt's first token, sampled from its last position."""
+    return sample(decoder.logits(cfg, params, x_1nd[0, last_s]), s, pos_1n[0, last_s] + 1)
+
+
+class HostPrefillStep:
+    """``prefill_step`` (same arguments and results) with the layer loop run from the host
+    (``jdisagg.model.host_loop``): an embed program, one program per layer, a head program."""
+
+    def __init__(self, cfg: ModelConfig, layers: tuple[dict, ...], mesh: Mesh, kv_sharding, *, kernel: bool):
+        self.layers = layers
+        self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        # The row's KV where prefill_step puts it, so the prefix cuts compile once for both.
+        out = (self.replicated, PromptKV(kv_sharding, kv_sharding, self.replicated, kernel))
+        self.embed = jax.jit(
+            functools.partial(prefill_embed, cfg, kernel=kernel), out_shardings=out, compiler_options=XLA_OPTIONS
+        )
+        self.layer = jax.jit(
+            functools.partial(prefill_layer, cfg), donate_argnums=1, out_shardings=out, compiler_options=XLA_OPTIONS
+        )
+        self.head = jax.jit(functools.partial(prefill_head, cfg), compiler_options=XLA_OPTIONS)
+
+    def __call__(self, params, tokens_1n, pos_1n, segment_1n, last_s, s):
+        tokens_1n, pos_1n = jax.device_put((tokens_1n, pos_1n), self.replicated)  # once, not per layer
+        x_1nd, kv = self.embed(params, tokens_1n, pos_1n, segment_1n)
+        x_1nd, kv = host_loop.run_layers(self.layer, self.layers, kv, x_1nd, pos_1n)
+        return self.head(params, x_1nd, pos_1n, last_s, s), kv.k, kv.v
+
+    def programs(self, label: str, params, tokens_1n, pos_1n, segment_1n, last_s, s) -> list[Program]:
+        x_1nd, kv = self.embed.eval_shape(params, tokens_1n, pos_1n, segment_1n)
+        return [
+            Program(f"{label} embed", self.embed, (params, tokens_1n, pos_1n, segment_1n)),
+            Program(f"{label} layer", self.layer, (self.layers[0], kv, x_1nd, pos_1n, np.int32(0))),
+            Program(f"{label} head", self.head, (params, x_1nd, pos_1n, last_s, s)),
+        ]
 
 
 def cut_prefix(k: jax.Array, v: jax.Array, start: jax.Array, *, length: int):
@@ -111,11 +156,19 @@ class PrefillRunner:
         kv_sharding = sharding.named_sharding(mesh, axes.PROMPT_KV_AXES, rules)
         prefix_sharding = sharding.named_sharding(mesh, axes.PREFIX_AXES, rules)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        self._step = jax.jit(
-            functools.partial(prefill_step, cfg, unroll=unroll, kernel=attention.prompt_kernel(mesh.size)),
-            out_shardings=(replicated, kv_sharding, kv_sharding),
-            compiler_options=XLA_OPTIONS,
-        )
+        kernel = attention.prompt_kernel(mesh.size)
+        # One device on CPU: the layer loop runs from the host (jdisagg.model.host_loop).
+        self.host_loop = host_loop.on_host(mesh)
+        if self.host_loop:
+            layers = host_loop.shared_unstack(params, decoder.unstack_layers)
+            self._step = HostPrefillStep(cfg, layers, mesh, kv_sharding, kernel=kernel)
+        else:
+            self._step = jax.jit(
+                functools.partial(prefill_step, cfg, unroll=unroll, kernel=kernel),
+                out_shardings=(replicated, kv_sharding, kv_sharding),
+                compiler_options=XLA_OPTIONS,
+            )
+        self.kv_sharding = kv_sharding
         # One small program per (row bucket, prefix bucket), compiled in warm-up.
         self._cut = jax.jit(cut_prefix, static_argnames="length", out_shardings=(prefix_sharding, prefix_sharding))
 
@@ -129,24 +182,34 @@ class PrefillRunner:
 
     def programs(self) -> list[Program]:
         """The step at every token bucket, for ``compile_all``."""
-        return [
-            Program(f"prefill N={n}", self._step, (self.params, *self._inputs([[0]], [SamplingParams()], n)))
-            for n in self.token_buckets
-        ]
+        out = []
+        for n in self.token_buckets:
+            args = (self.params, *self._inputs([[0]], [SamplingParams()], n))
+            out += (
+                self._step.programs(f"prefill N={n}", *args)
+                if self.host_loop
+                else [Program(f"prefill N={n}", self._step, args)]
+            )
+        return out
 
     def warm_up(self, progress=None) -> float:
-        """Runs every token bucket once and cuts every prefix bucket out of each (compiling
-        what ``compile_all`` has not); returns the seconds it took."""
+        """Compiles the step at every token bucket (what ``compile_all`` has not) and the cut of
+        every prefix bucket out of each, from the shapes alone: running the rows cost a CPU
+        start-up seconds of prefill. Returns the seconds it took."""
         start = time.perf_counter()
+        cfg = self.cfg
+        for p in self.programs():
+            p.jitted.lower(*p.args).compile()  # reuses compile_all's
         for n in self.token_buckets:
-            _, k, v = self._step(self.params, *self._inputs([[0]], [SamplingParams()], n))
+            shape = (cfg.n_layers, 1, n, cfg.n_kv_heads, cfg.head_dim)
+            row = jax.ShapeDtypeStruct(shape, jnp.dtype(cfg.dtype), sharding=self.kv_sharding)
             for t in self.length_buckets:
                 if t <= n:
-                    jax.block_until_ready(self._cut(k, v, np.int32(0), length=t))
+                    self._cut.lower(row, row, np.int32(0), length=t).compile()
             if progress:
                 progress(f"prefill N={n}")
         seconds = time.perf_counter() - start
-        logging.info("prefill: ran %d token buckets in %.1fs", len(self.token_buckets), seconds)
+        logging.info("prefill: compiled %d token buckets and their cuts in %.1fs", len(self.token_buckets), seconds)
         return seconds
 
     def _inputs(self, prompts: list[list[int]], params: list[SamplingParams], tokens: int = 0):
