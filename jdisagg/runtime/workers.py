@@ -9,6 +9,7 @@ offline engine calls them in turn from one thread; the server runs each in its o
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -20,6 +21,27 @@ from jdisagg.sched.scheduler import Scheduler
 from jdisagg.transfer.base import KVTransfer
 
 Loop = tuple[str, Callable[[], bool]]
+
+
+class Wakeup:
+    """A counter of scheduler changes that idle workers sleep on (the scheduler's ``on_change``)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._count = 0
+
+    def notify(self) -> None:
+        with self._cond:
+            self._count += 1
+            self._cond.notify_all()
+
+    def count(self) -> int:
+        return self._count
+
+    def wait(self, seen: int, timeout: float) -> None:
+        """Returns once something changed since ``seen`` (or after ``timeout``)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._count != seen, timeout)
 
 
 def prefill_once(sched: Scheduler, i: int, runner: PrefillRunner) -> bool:
@@ -50,9 +72,17 @@ def decode_once(sched: Scheduler, d: int, runner: DecodeRunner, transfer: KVTran
             sched.fail([p.request for p in pulls], f"KV transfer failed: {e}")
             raise
         sched.pulled(d, pulls, seconds)
+    return step_once(sched, d, runner) or bool(pulls)
+
+
+def step_once(sched: Scheduler, d: int, runner: DecodeRunner, before: Callable | None = None) -> bool:
+    """One decode step of instance ``d``; False when it has no rows. ``before(batch)`` runs
+    just before the device call (a multi-process instance tells its other processes)."""
     batch = sched.take_step(d)
     if batch is None:
-        return bool(pulls)
+        return False
+    if before is not None:
+        before(batch)
     try:
         sampled = runner.step(batch.tokens, batch.positions, batch.page_tables, batch.params)
     except Exception as e:

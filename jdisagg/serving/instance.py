@@ -54,6 +54,7 @@ from jdisagg.model import axes, sharding
 from jdisagg.preset import MeshPreset
 from jdisagg.proto import internal_pb2 as ipb
 from jdisagg.proto import internal_pb2_grpc as ipb_grpc
+from jdisagg.runtime import workers
 from jdisagg.runtime.instances import Instances
 from jdisagg.runtime.lockstep import Lockstep
 from jdisagg.sched.lease import Leases
@@ -82,23 +83,6 @@ def one_instance(preset: MeshPreset, role: str, index: int, devices: tuple[int, 
     if len(devices) != len(spec.devices):
         raise ValueError(f"{spec.where} needs {len(spec.devices)} device(s) (pp={spec.pp} tp={spec.tp}), not {devices}")
     return dataclasses.replace(preset, instances=(dataclasses.replace(spec, index=0, devices=devices),))
-
-
-class _Wakeup:
-    """A counter of scheduler changes that the idle worker sleeps on."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._count = 0
-
-    def notify(self) -> None:
-        with self._cond:
-            self._count += 1
-            self._cond.notify_all()
-
-    def wait(self, seen: int, timeout: float) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: self._count != seen, timeout)
 
 
 class InstanceMetrics:
@@ -175,7 +159,7 @@ class InstanceServer:
         self.instances = Instances.build(loaded, self.preset)
         cfg, tokenizer = loaded.cfg, loaded.tokenizer
         eos_ids = tuple(tokenizer.eos_ids) if tokenizer else cfg.eos_ids
-        self._wakeup = _Wakeup()
+        self._wakeup = workers.Wakeup()
         self.sched = Scheduler(
             *self.instances.scheduler_specs(),
             max_seq_len=self.preset.max_seq_len,
@@ -338,7 +322,7 @@ class InstanceServer:
         last = time.monotonic()
         try:
             while not self._stop.is_set():
-                seen = self._wakeup._count
+                seen = self._wakeup.count()
                 if once():
                     last = time.monotonic()
                     continue
@@ -524,27 +508,22 @@ class InstanceServer:
                 waited = time.perf_counter() - start
                 self._land(pulls, moved, waited, waited)
             worked = True
-        batch = sched.take_step(0)
+        stepped = workers.step_once(sched, 0, runner, before=self._announce_step)
         for r in sched.queue.drain():  # preempted: the router re-prefills them elsewhere
             self._post(r, _PREEMPTED)
-        if batch is None:
+        if not stepped:
             if self._pulling and not worked:
                 time.sleep(0.0005)  # only pulls in flight: poll them
             return worked or bool(self._pulling)
+        return True
+
+    def _announce_step(self, batch) -> None:
+        """Tells the instance's other processes (multi-host) to run the same step."""
         if self.lockstep is not None:
             params = [dataclasses.asdict(p) for p in batch.params]
             self.lockstep.send(
                 {"op": "step", "rows": [batch.tokens, batch.positions, batch.page_tables], "params": params}
             )
-        try:
-            sampled = runner.step(batch.tokens, batch.positions, batch.page_tables, batch.params)
-        except Exception as e:
-            sched.fail(batch.requests, f"decode failed: {e}")
-            raise
-        n = len(batch.requests)
-        logprobs = [sampled.logprob(i, p.logprobs) if p.logprobs else None for i, p in enumerate(batch.params)]
-        sched.sampled(0, batch, sampled.tokens[:n].tolist(), logprobs)
-        return True
 
     def _land_arrived(self) -> bool:
         """Lands the pulls in flight whose data arrived (or whose timeout passed)."""

@@ -43,6 +43,7 @@ from grpc_reflection.v1alpha import reflection
 from jdisagg.engine import Engine
 from jdisagg.plan.trace import TraceRecorder
 from jdisagg.proto import jdisagg_pb2 as pb
+from jdisagg.runtime import workers
 from jdisagg.sched.params import SamplingParams
 from jdisagg.sched.request import Output, Request
 from jdisagg.serving import intake
@@ -61,27 +62,6 @@ class Rejected(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.code = code
-
-
-class _Changes:
-    """A counter of scheduler changes that idle workers sleep on."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._count = 0
-
-    def notify(self) -> None:
-        with self._cond:
-            self._count += 1
-            self._cond.notify_all()
-
-    def count(self) -> int:
-        return self._count
-
-    def wait(self, seen: int, timeout: float) -> None:
-        """Returns once something changed since ``seen`` (or after ``timeout``)."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._count != seen, timeout)
 
 
 class Server:
@@ -111,7 +91,7 @@ class Server:
         self._failure: str | None = None  # why, set before anything held is failed
         self.inflight = 0  # accepted calls not yet ended (touched on the event loop only)
         self._stop = threading.Event()
-        self._changes = _Changes()
+        self._changes = workers.Wakeup()
         engine.sched.on_change = self._changes.notify
         self._intake_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="intake")
         self.loop = asyncio.new_event_loop()
