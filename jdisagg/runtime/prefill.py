@@ -3,9 +3,9 @@
 One jitted function over the prefill mesh; weights sharded tensor-parallel by the
 instance's rules. The prompts of a call are packed end to end into one row of N tokens
 (N a compiled token bucket), each attending only to its own earlier tokens, so a call
-computes the prompts' tokens and little padding: padding every prompt of a batch to the
-longest one's length bucket had cost 2.3-2.8x the prompt tokens on the chat workload.
-After the call each prompt's KV is cut out of the row at its length bucket (its prefix).
+computes the prompts' tokens and little padding (padding each prompt to the batch's
+longest bucket cost far more; BENCHMARKS.md). After the call each prompt's KV is cut out
+of the row at its length bucket (its prefix).
 """
 
 from __future__ import annotations
