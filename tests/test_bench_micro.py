@@ -105,7 +105,7 @@ def test_command_line(tmp_path):
         timeout=180,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "kv_transfer.transfer" in proc.stdout
+    assert "reshard.transfer" in proc.stdout
     report = json.loads(out.read_text())
     assert [r["bench"] for r in report["rows"]] == ["ceilings"] * 2 + ["decode"] + ["transfer"] * 2
     assert (report["unroll_layers"], report["decode_attention"]) == (False, "pallas")

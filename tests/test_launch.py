@@ -32,7 +32,8 @@ def test_demo_notebook_runs_on_cpu(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    assert "mesh preset cpu" in out and "prefill[0]: devices [0, 1, 2], pp=1, tp=3" in out
+    # the default preset, disaggregated: its two instances on two devices
+    assert "mesh preset cpu" in out and "prefill[0]: devices [0]" in out and "decode[0]: devices [1]" in out
     assert "Paris" in out
     assert "KV transfer" in out and "MiB" in out
     assert "goodput at 90% attainment (TTFT <= 10s, TPOT <= 2s)" in out

@@ -85,9 +85,12 @@ def decode_embed(cfg: ModelConfig, params, tokens_b, pos_b):
     return decoder.embed(cfg, params, tokens_b[:, None], pos_b[:, None])
 
 
-def decode_layer(cfg: ModelConfig, layer, kv: PagedKV, x_btd, pos_b, index):
-    """One layer of the decode step (the host loop's program)."""
-    return decoder.layer_step(cfg, layer, x_btd, pos_b[:, None], kv, index)
+def decode_layer(cfg: ModelConfig, decode_attention: str, layer, pages, x_btd, pos_b, page_table_bp, index):
+    """One layer of the decode step (the host loop's program). Only ``pages`` (the k and v
+    pools) is donated: the page table is the caller's and every layer reads it."""
+    kv = PagedKV(*pages, page_table_bp, decode_attention)
+    x_btd, kv = decoder.layer_step(cfg, layer, x_btd, pos_b[:, None], kv, index)
+    return x_btd, (kv.k_pages, kv.v_pages)
 
 
 def decode_head(cfg: ModelConfig, params, x_btd, s: SamplingArrays, pos_b) -> Sampled:
@@ -138,26 +141,29 @@ class HostDecodeStep:
     (``jdisagg.model.host_loop``): an embed program, one program per layer, a head program."""
 
     def __init__(self, cfg: ModelConfig, layers: tuple[dict, ...], mesh: Mesh, decode_attention: str):
-        self.layers, self.decode_attention = layers, decode_attention
+        self.layers = layers
         self.replicated = NamedSharding(mesh, PartitionSpec())
         self.embed = jax.jit(functools.partial(decode_embed, cfg), compiler_options=XLA_OPTIONS)
-        self.layer = jax.jit(functools.partial(decode_layer, cfg), donate_argnums=1, compiler_options=XLA_OPTIONS)
+        self.layer = jax.jit(
+            functools.partial(decode_layer, cfg, decode_attention), donate_argnums=1, compiler_options=XLA_OPTIONS
+        )
         self.head = jax.jit(functools.partial(decode_head, cfg), compiler_options=XLA_OPTIONS)
 
     def __call__(self, params, k_pages, v_pages, tokens_b, pos_b, page_table_bp, s):
         # On the device once, not once per layer call.
         tokens_b, pos_b, page_table_bp = jax.device_put((tokens_b, pos_b, page_table_bp), self.replicated)
         x_btd = self.embed(params, tokens_b, pos_b)
-        kv = PagedKV(k_pages, v_pages, page_table_bp, self.decode_attention)
-        x_btd, kv = host_loop.run_layers(self.layer, self.layers, kv, x_btd, pos_b)
-        return self.head(params, x_btd, s, pos_b), kv.k_pages, kv.v_pages
+        x_btd, (k_pages, v_pages) = host_loop.run_layers(
+            self.layer, self.layers, (k_pages, v_pages), x_btd, pos_b, page_table_bp
+        )
+        return self.head(params, x_btd, s, pos_b), k_pages, v_pages
 
     def programs(self, label: str, params, k_pages, v_pages, tokens_b, pos_b, page_table_bp, s, *, head: bool):
         """The layer program (and with ``head`` the embed and head programs) at these shapes."""
         x_btd = jax.eval_shape(self.embed, params, tokens_b, pos_b)
         x_btd = jax.ShapeDtypeStruct(x_btd.shape, x_btd.dtype, sharding=self.replicated)
-        kv = PagedKV(k_pages, v_pages, page_table_bp, self.decode_attention)
-        out = [Program(f"{label} layer", self.layer, (self.layers[0], kv, x_btd, pos_b, np.int32(0)))]
+        layer_args = (self.layers[0], (k_pages, v_pages), x_btd, pos_b, page_table_bp, np.int32(0))
+        out = [Program(f"{label} layer", self.layer, layer_args)]
         if head:
             out.append(Program(f"{label} embed", self.embed, (params, tokens_b, pos_b)))
             out.append(Program(f"{label} head", self.head, (params, x_btd, s, pos_b)))
