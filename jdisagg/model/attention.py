@@ -21,16 +21,25 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jdisagg.model import flash_kernel, paged_kernel
+from jdisagg.model import flash_kernel, paged_kernel, tpu_attention
 from jdisagg.model.config import ModelConfig
 
 NULL_PAGE = 0
 _MASKED = -1e30  # finite, so fully masked (padding) rows give garbage, never NaN
-# How prompt rows (PromptKV) attend: "auto" runs the flash kernel (jdisagg.model.flash_kernel)
-# on a GPU instance of one device and XLA's einsums elsewhere; "kernel" runs the kernel on any
-# instance of one device (interpreted off GPUs: tests), "xla" the einsums everywhere. Shapes
-# the kernel does not take use the einsums. ``prompt_kernel`` is the one place that reads it.
+# How prompt rows (PromptKV) attend: "auto" runs the flash kernel on a GPU or TPU instance of
+# one device and XLA's einsums elsewhere; "kernel" runs the kernel on any instance of one
+# device (interpreted off its platform: tests), "xla" the einsums everywhere. Shapes the
+# kernel does not take use the einsums. ``prompt_kernel`` is the one place that reads it.
 PROMPT_ATTENTION = "auto"
+# Whose kernels the prompt kernel and decode_attention = "pallas" run: "auto" the TPU ones
+# (jdisagg.model.tpu_attention) on a TPU and the GPU ones (flash_kernel, paged_kernel)
+# elsewhere; "tpu" the TPU ones anywhere (in Pallas' TPU interpreter off TPUs: tests).
+KERNEL_PLATFORM = "auto"
+
+
+def tpu_kernels() -> bool:
+    """Whether the kernel paths run the TPU kernels (``KERNEL_PLATFORM``)."""
+    return KERNEL_PLATFORM == "tpu" or jax.default_backend() == "tpu"
 
 
 def causal_mask(q_pos_bt: jax.Array, k_pos_bs: jax.Array) -> jax.Array:
@@ -55,13 +64,16 @@ def prompt_kernel(n_devices: int) -> bool:
     Pallas call does not split over a mesh: sharded instances use the einsums)."""
     if PROMPT_ATTENTION == "xla" or n_devices > 1:
         return False
-    return PROMPT_ATTENTION == "kernel" or jax.default_backend() == "gpu"
+    return PROMPT_ATTENTION == "kernel" or jax.default_backend() in ("gpu", "tpu")
 
 
 def prompt_attention(q_btnh, k_btkh, v_btkh, pos_bt, segment_bt, *, kernel: bool) -> jax.Array:
     """Causal attention of each token over the earlier tokens of its own segment (padding:
-    position -1): the flash kernel where ``kernel`` and the shapes allow, else einsums."""
-    if kernel and flash_kernel.supported(q_btnh):
+    position -1): the platform's flash kernel where ``kernel`` and the shapes allow, else einsums."""
+    if kernel and tpu_kernels():
+        if tpu_attention.prompt_supported(q_btnh):
+            return tpu_attention.prompt_attention(q_btnh, k_btkh, v_btkh, pos_bt, segment_bt)
+    elif kernel and flash_kernel.supported(q_btnh):
         return flash_kernel.attention(q_btnh, k_btkh, v_btkh, pos_bt, segment_bt)
     same = segment_bt[:, :, None] == segment_bt[:, None, :]
     return attend(q_btnh, k_btkh, v_btkh, causal_mask(pos_bt, pos_bt) & same)
@@ -111,8 +123,8 @@ class PagedKV:
     v_pages: jax.Array  # [L, P, Z, K, H]
     page_table: jax.Array  # [B, P_max] int32; NULL_PAGE where unused
     # How rows of one token (decode) attend over their pages: "dot" (``attend``: gather,
-    # then matmuls) or "pallas" (``paged_kernel``: read in place, one device only). Rows of
-    # several tokens always use "dot".
+    # then matmuls) or "pallas" (a kernel, one device only: ``paged_kernel`` reads the pages in
+    # place; on TPUs ``tpu_attention``, for head dims it takes). Rows of several tokens use "dot".
     decode_attention: str = struct.field(pytree_node=False, default="dot")
 
     def write(self, layer, k_btkh, v_btkh, pos_bt) -> PagedKV:
@@ -129,10 +141,12 @@ class PagedKV:
     def read(self, layer, q_btnh, pos_bt) -> jax.Array:
         """Attends over each request's pages of ``layer``."""
         if self.decode_attention == "pallas" and q_btnh.shape[1] == 1:
-            lengths_b = pos_bt[:, 0] + 1  # padding rows (pos -1) read nothing
-            return paged_kernel.decode_attention(
-                q_btnh[:, 0], self.k_pages, self.v_pages, layer, self.page_table, lengths_b
-            )[:, None]
+            kernel = tpu_attention if tpu_kernels() else paged_kernel
+            if kernel is paged_kernel or tpu_attention.decode_supported(q_btnh):
+                lengths_b = pos_bt[:, 0] + 1  # padding rows (pos -1) read nothing
+                return kernel.decode_attention(
+                    q_btnh[:, 0], self.k_pages, self.v_pages, layer, self.page_table, lengths_b
+                )[:, None]
         b, p_max = self.page_table.shape
         z = self.k_pages.shape[2]
         k_bpzkh = self.k_pages[layer, self.page_table]  # one gather: this layer's pages per request
