@@ -100,8 +100,9 @@ class MeshPreset:
     unroll_layers: bool = False
     # How decode rows attend over their pages (attention.PagedKV): "dot" gathers the pages
     # of the batch's widest length bucket and runs matmuls (any platform, any sharding);
-    # "pallas" reads each request's own pages in place with a kernel (jdisagg.paged_kernel;
-    # GPUs, and interpreted on CPU for tests), for instances whose decode runs on one device.
+    # "pallas" runs a kernel over each request's own pages, for instances whose decode runs on
+    # one device: the Triton one (jdisagg.paged_kernel) on GPUs, JAX's TPU paged attention
+    # (jdisagg.tpu_attention) on TPUs, either interpreted on CPU for tests.
     decode_attention: str = "dot"
 
     @property
@@ -124,11 +125,8 @@ class MeshPreset:
         """Checks the preset against the model and the host (``platform``: "cpu", "gpu",
         "tpu"; "" skips that check); errors name the offending field."""
         where = self.source or self.name
-        if self.decode_attention == "pallas" and platform not in ("", "cpu", "gpu"):
-            raise ValueError(
-                f'{where}: decode_attention = "pallas" is a GPU kernel (interpreted on CPU for tests); '
-                f'on {platform} use "dot"'
-            )
+        if self.decode_attention == "pallas" and platform not in ("", "cpu", "gpu", "tpu"):
+            raise ValueError(f'{where}: decode_attention = "pallas" has kernels for GPUs and TPUs; on {platform} use "dot"')
         for spec in self.instances:
             for d in spec.devices:
                 if not 0 <= d < n_devices:

@@ -111,8 +111,9 @@ def test_preset_against_model_and_host(tmp_path):
         tmp_path, 'max_seq_len = 512\ndecode_attention = "pallas"\n[[colocated]]\ndevices = [0]\npages = 64\n'
     )
     one_device.validate(shape("tiny-llama"), 1, "gpu")
-    with pytest.raises(ValueError, match=r"\"pallas\" is a GPU kernel .*on tpu use \"dot\""):
-        one_device.validate(shape("tiny-llama"), 1, "tpu")
+    one_device.validate(shape("tiny-llama"), 1, "tpu")  # JAX's TPU paged attention (tpu_attention)
+    with pytest.raises(ValueError, match=r"\"pallas\" has kernels for GPUs and TPUs; on metal use \"dot\""):
+        one_device.validate(shape("tiny-llama"), 1, "metal")
     with pytest.raises(ValueError, match="exceeds the model's context"):
         p.validate(shape("tiny-llama").replace(max_seq_len=256), 8)
     with pytest.raises(ValueError, match="needs at least one"):

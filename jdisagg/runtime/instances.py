@@ -16,7 +16,7 @@ from jdisagg.preset import InstanceSpec, MeshPreset
 from jdisagg.runtime.buckets import length_buckets
 from jdisagg.runtime.compile import compile_all
 from jdisagg.runtime.decode import DecodeRunner
-from jdisagg.runtime.memory import auto_pages, prefill_reserve
+from jdisagg.runtime.memory import auto_pages, check_fits, memory_per_device, prefill_reserve
 from jdisagg.runtime.prefill import PrefillRunner
 from jdisagg.sched.params import SamplingParams
 from jdisagg.sched.scheduler import DecodeSpec, PrefillSpec
@@ -75,6 +75,9 @@ class Instances:
         cfg = loaded.cfg
         devices = jax.devices()
         preset.validate(cfg, len(devices), devices[0].platform)
+        limit = memory_per_device([devices[i] for spec in preset.instances for i in spec.devices])
+        if limit is not None:  # a preset that cannot fit fails here, not in the allocator
+            check_fits(cfg, preset, limit)
         logging.info(
             "mesh preset %s: decode attention %s, layer loop %s",
             preset.name,

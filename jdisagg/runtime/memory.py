@@ -2,16 +2,22 @@
 leaves ``pages`` out, and what a colocated instance keeps beside it for its prefill.
 
 ``pages_that_fit`` is plain arithmetic over bytes, so the planner sizes placements for
-hardware it is not running on with the same code the engine sizes its pools with.
+hardware it is not running on with the same code the engine sizes its pools with;
+``check_fits`` runs that arithmetic over a whole preset for a given memory per device (the
+engine, before it places weights; tests, for chips that are not here).
 """
 
 from __future__ import annotations
 
+import math
+
+import jax
 import jax.numpy as jnp
 from absl import logging
 
-from jdisagg.model import axes
+from jdisagg.model import axes, decoder, sharding
 from jdisagg.preset import InstanceSpec, MeshPreset
+from jdisagg.runtime.buckets import token_buckets
 from jdisagg.runtime.compile import compile_all
 from jdisagg.sched.pages import pages_for
 
@@ -67,6 +73,64 @@ def pages_that_fit(free: int, cfg, spec: InstanceSpec, preset: MeshPreset, reser
             + f"; one request needs {needed}"
         )
     return pages
+
+
+def weight_bytes(cfg, spec: InstanceSpec) -> int:
+    """Bytes of the parameters on each device of instance ``spec``: every leaf split over the
+    mesh axes its instance's rules shard it on (the shardings ``sharding.param_shardings`` gives)."""
+    abstract = decoder.abstract_params(cfg)
+    sizes = {"pp": spec.pp, "tp": spec.tp}
+    leaves = jax.tree_util.tree_leaves(abstract)
+    leaf_axes = jax.tree_util.tree_leaves(sharding.param_axes(abstract), is_leaf=lambda x: isinstance(x, tuple))
+    total = 0
+    for leaf, names in zip(leaves, leaf_axes, strict=True):
+        split = math.prod(sizes[m] for m in sharding.partition_spec(names, spec.rules) if m)
+        total += leaf.size * leaf.dtype.itemsize // split
+    return total
+
+
+def check_fits(cfg, preset: MeshPreset, memory_per_device: int, scratch: int = 0) -> dict[str, int]:
+    """Whether every instance of ``preset`` fits devices of ``memory_per_device`` bytes: its
+    weights, a prefill's buffer and call (``prefill_reserve_bytes``, with ``scratch`` bytes for
+    its largest program), and a decode pool of at least one ``max_seq_len`` request
+    (``pages_that_fit``). Returns each decode instance's pages by ``spec.where``; raises
+    ValueError naming the instance and the bytes that do not fit."""
+    from jdisagg.plan.system import call_tokens, preset_length_buckets  # what the runners derive, checked against them
+
+    buckets = preset_length_buckets(preset)
+    gib, pages = 2**30, {}
+    for spec in preset.instances:
+        weights = weight_bytes(cfg, spec)
+        at = f"{preset.source}: {spec.where} (pp={spec.pp}, tp={spec.tp})"
+        if weights >= memory_per_device:
+            raise ValueError(
+                f"{at}: the weights take {weights / gib:.2f} GiB per device, more than its "
+                f"{memory_per_device / gib:.2f} GiB; raise tp or pp"
+            )
+        reserved = 0
+        if spec.runs_prefill:
+            row = token_buckets(buckets, spec.token_budget)
+            reserved = prefill_reserve_bytes(cfg, spec, row, call_tokens(spec, buckets), scratch)
+            if weights + reserved > memory_per_device:
+                raise ValueError(
+                    f"{at}: weights {weights / gib:.2f} GiB + prefill buffer, call and scratch "
+                    f"{reserved / gib:.2f} GiB exceed {memory_per_device / gib:.2f} GiB per device; "
+                    "lower buffer_tokens or token_budget, or raise tp"
+                )
+        if spec.runs_decode:
+            free = memory_per_device - weights
+            pages[spec.where] = spec.pages or pages_that_fit(free, cfg, spec, preset, reserved)
+            if spec.pages and spec.pages * preset.page_size * kv_bytes_per_token(cfg, spec) + reserved > free:
+                raise ValueError(f"{at}: pages={spec.pages} do not fit beside the weights")
+    return pages
+
+
+def memory_per_device(devices) -> int | None:
+    """The least memory JAX may use on any of ``devices``; None where they report none (CPU)."""
+    stats = [d.memory_stats() for d in devices]
+    if not all(stats) or not all("bytes_limit" in s for s in stats):
+        return None
+    return min(s["bytes_limit"] for s in stats)
 
 
 def auto_pages(cfg, mesh, spec: InstanceSpec, preset: MeshPreset, reserved: int = 0) -> int:
