@@ -126,7 +126,9 @@ class MeshPreset:
         "tpu"; "" skips that check); errors name the offending field."""
         where = self.source or self.name
         if self.decode_attention == "pallas" and platform not in ("", "cpu", "gpu", "tpu"):
-            raise ValueError(f'{where}: decode_attention = "pallas" has kernels for GPUs and TPUs; on {platform} use "dot"')
+            raise ValueError(
+                f'{where}: decode_attention = "pallas" has kernels for GPUs and TPUs; on {platform} use "dot"'
+            )
         for spec in self.instances:
             for d in spec.devices:
                 if not 0 <= d < n_devices:
