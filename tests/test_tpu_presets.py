@@ -19,8 +19,9 @@ from jdisagg.runtime import instances, memory
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
-# HBM per chip (Cloud TPU system architecture pages): v5e 16 GiB, v6e (Trillium) 32 GiB.
-CHIPS = {"tpu-v5e-8": 16 * GIB, "tpu-v6e-8": 32 * GIB}
+# HBM per chip as the Cloud TPU v5e and v6e pages give it, 16 GB and 32 GB; read as 10^9
+# bytes, the smaller of the two readings (JAX's own limit on a chip is not known here).
+CHIPS = {"tpu-v5e-8": 16 * 10**9, "tpu-v6e-8": 32 * 10**9}
 
 
 def _llama3_8b():
@@ -60,31 +61,35 @@ def test_tpu_preset_fits_llama3_8b(name):
 
 
 def test_tpu_preset_that_does_not_fit_says_why(tmp_path):
-    cfg, chip = _llama3_8b(), CHIPS["tpu-v5e-8"]
-    v5e = _preset_text("tpu-v5e-8")
+    cfg = _llama3_8b()
 
-    def variant(old: str, new: str):
-        assert old in v5e
-        path = tmp_path / "variant.toml"
-        path.write_text(v5e.replace(old, new))
+    def variant(name: str, old: str, new: str):
+        text = _preset_text(name)
+        assert old in text
+        path = tmp_path / f"{name}-variant.toml"
+        path.write_text(text.replace(old, new))
         return load_preset(str(path))
 
-    # Prefill on one chip: 15 GiB of weights leave no room for its prefix buffer.
-    one_chip = variant("devices = [0, 1, 2, 3]\ntp = 4", "devices = [0]\ntp = 1")
-    with pytest.raises(ValueError, match=r"prefill\[0\] \(pp=1, tp=1\): weights 14.96 GiB \+ prefill buffer"):
-        memory.check_fits(cfg, one_chip, chip)
-    # float32 weights on one chip do not fit at all.
-    with pytest.raises(ValueError, match=r"the weights take 29.9\d GiB per device, more than its 16.00 GiB"):
-        memory.check_fits(cfg.replace(dtype="float32"), one_chip, chip)
+    # Prefill on one v5e chip: the 15 GiB of weights alone exceed it.
+    one_chip = variant("tpu-v5e-8", "devices = [0, 1, 2, 3]\ntp = 4", "devices = [0]\ntp = 1")
+    with pytest.raises(
+        ValueError, match=r"prefill\[0\] \(pp=1, tp=1\): the weights take 14.96 GiB per device, more than its 14.90"
+    ):
+        memory.check_fits(cfg, one_chip, CHIPS["tpu-v5e-8"])
+    # On one v6e chip they fit, but not beside a buffer of 128k prefix tokens (16 GiB of KV).
+    buffered = variant("tpu-v6e-8", "devices = [0, 1, 2, 3]\ntp = 4", "devices = [0]\ntp = 1\nbuffer_tokens = 131072")
+    with pytest.raises(ValueError, match=r"prefill\[0\] \(pp=1, tp=1\): weights 14.96 GiB \+ prefill buffer, call and"):
+        memory.check_fits(cfg, buffered, CHIPS["tpu-v6e-8"])
     # A decode pool of explicit pages larger than the chip holds.
-    too_many = variant("max_batch = 128\n", "max_batch = 128\npages = 400000\n")
+    too_many = variant("tpu-v5e-8", "max_batch = 128\n", "max_batch = 128\npages = 400000\n")
     with pytest.raises(ValueError, match=r"decode\[0\] \(pp=2, tp=2\): pages=400000 do not fit beside the weights"):
-        memory.check_fits(cfg, too_many, chip)
+        memory.check_fits(cfg, too_many, CHIPS["tpu-v5e-8"])
     # Heads and layers: tp=3 divides neither the 32 heads nor the 8 KV heads; pp=3 not 32 layers.
-    tp3 = parse({**tomllib.loads(v5e), "prefill": [{"devices": [0, 1, 2], "tp": 3}]}, "tp3")
+    v5e = tomllib.loads(_preset_text("tpu-v5e-8"))
+    tp3 = parse({**v5e, "prefill": [{"devices": [0, 1, 2], "tp": 3}]}, "tp3")
     with pytest.raises(ValueError, match=r"prefill\[0\].tp=3 does not divide the model's (heads|kv_heads)"):
         tp3.validate(cfg, 8, "tpu")
-    pp3 = parse({**tomllib.loads(v5e), "decode": [{"devices": [4, 5, 6], "pp": 3}]}, "pp3")
+    pp3 = parse({**v5e, "decode": [{"devices": [4, 5, 6], "pp": 3}]}, "pp3")
     with pytest.raises(ValueError, match=r"decode\[0\].pp=3 does not divide the model's layers \(32\)"):
         pp3.validate(cfg, 8, "tpu")
 
