@@ -22,6 +22,9 @@ from jdisagg.model.config import ModelConfig
 
 ROLES = ("prefill", "decode", "colocated", "chunked")
 DECODE_ATTENTION = ("dot", "pallas")  # how decode rows attend over their pages (decode_attention below)
+# A pipelined decode instance's default steps_per_call: a 2-stage pipeline of 2 micro-batches
+# then keeps its stages busy 16 of every 17 ticks (jdisagg.runtime.decode).
+PIPELINE_STEPS = 8
 _TOP_KEYS = {
     "name",
     "description",
@@ -44,6 +47,7 @@ _INSTANCE_KEYS = {
     "micro_batches",
     "chunk_tokens",
     "batch_buckets",
+    "steps_per_call",
 }
 
 
@@ -68,6 +72,10 @@ class InstanceSpec:
     # Compiled decode batch sizes (decode, colocated, chunked); () means powers of two up to
     # max_batch. Prefill has none: a call packs its prompts into one row of tokens.
     batch_buckets: tuple[int, ...] = ()
+    # decode: decode steps per device call, each row's sampled token fed back on the device, so
+    # a pipeline (pp > 1) fills and drains once per call instead of once per step. A preset's
+    # default: 1, or PIPELINE_STEPS where pp > 1.
+    steps_per_call: int = 1
 
     @property
     def where(self) -> str:
@@ -185,6 +193,11 @@ def _instance(role: str, index: int, table: dict, where: str) -> InstanceSpec:
             f"{at}.batch_buckets: a prefill call packs its prompts into one row of tokens, so it has no "
             "batch sizes to compile; max_batch (prompts per call) and token_budget bound it"
         )
+    if role != "decode" and "steps_per_call" in table:
+        raise ValueError(
+            f"{at}.steps_per_call: only [[decode]] instances run several decode steps per call "
+            "(here prompts would wait for all of them)"
+        )
     if role in ("prefill", "colocated", "chunked") and pp != 1:
         raise ValueError(f"{at}.pp={pp}: prefill runs tensor parallel only (pp must be 1)")
     rules = dict(axes.DEFAULT_RULES)
@@ -218,6 +231,7 @@ def _instance(role: str, index: int, table: dict, where: str) -> InstanceSpec:
         micro_batches=_positive(table, "micro_batches", at, pp) if runs_decode else 0,
         chunk_tokens=_positive(table, "chunk_tokens", at, 512) if role == "chunked" else 0,
         batch_buckets=_buckets(table, "batch_buckets", at, top=table.get("max_batch", 8)),
+        steps_per_call=_positive(table, "steps_per_call", at, PIPELINE_STEPS if pp > 1 else 1),
     )
 
 

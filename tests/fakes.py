@@ -87,23 +87,27 @@ class _Sampled:
     def __init__(self, tokens):
         self.tokens = np.asarray(tokens, np.int32)
 
+    def at_step(self, k: int) -> _Sampled:
+        return _Sampled(self.tokens[k])
+
     def logprob(self, row: int, n: int) -> Logprob:
         return Logprob(-1.0, ((int(self.tokens[row]), -1.0),) * n)
 
 
 class FakeDecode(_Controlled):
-    def __init__(self, n_pages: int, page_size: int, max_batch: int, chunk_tokens: int = 0):
+    def __init__(self, n_pages: int, page_size: int, max_batch: int, chunk_tokens: int = 0, steps: int = 1):
         super().__init__()
         self.n_pages, self.page_size, self.max_batch, self.chunk_tokens = n_pages, page_size, max_batch, chunk_tokens
+        self.steps = steps  # decode steps per call: step k gives each row's token + k + 1
         self.prefix_sharding = None
         self.inserts: list[list[int]] = []
 
     def insert(self, k, v, pages):
         self.inserts.append(list(pages))
 
-    def step(self, tokens, positions, page_tables, params):
+    def step(self, tokens, positions, page_tables, params, counts=None):
         self._enter(list(tokens))
-        return _Sampled([(t + 1) % VOCAB for t in tokens])
+        return _Sampled([[(t + k + 1) % VOCAB for t in tokens] for k in range(self.steps)])  # [steps, B]
 
     def mixed(self, tokens, positions, page_tables, params, chunk, chunk_start, chunk_pages, chunk_params):
         self._enter((list(tokens), list(chunk)))
@@ -130,7 +134,7 @@ def fake_engine(text: str, tokenizer=None) -> Engine:
     p = preset.parse(toml_file.tomllib.loads(text), "fake.toml")
     buckets = p.length_buckets or length_buckets(p.max_seq_len, p.page_size)
     prefill = [FakePrefill(buckets, s.max_batch, s.token_budget) for s in p.prefill]
-    decode = [FakeDecode(s.pages, p.page_size, s.max_batch, s.chunk_tokens) for s in p.decode]
+    decode = [FakeDecode(s.pages, p.page_size, s.max_batch, s.chunk_tokens, s.steps_per_call) for s in p.decode]
     takes_from = [s.index if s.role == "colocated" else None for s in p.decode]
     instances = Instances(p, prefill, decode, takes_from, buckets, FakeTransfer())
     card = cards.ModelCard(name="fake", kind="random", shape="tiny-llama")

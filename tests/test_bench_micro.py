@@ -21,11 +21,15 @@ TINY = dict(
     transfer_lengths=(32, 64),
     pp_batch=4,
     pp_context=32,
+    pp_steps=3,
     repeats=2,
 )
 
 
-def test_every_benchmark_gives_finite_ratios(tmp_path):
+def test_every_benchmark_gives_finite_ratios(tmp_path, monkeypatch):
+    # Three of the pp cases (each compiles a program; test_pp_cases lists them all).
+    cases = micro.pp_cases
+    monkeypatch.setattr(micro, "pp_cases", lambda b: [cases(b)[i] for i in (0, 1, 4)])
     out = tmp_path / "micro.json"
     rows = micro.run(micro.Options(**TINY, json_out=str(out)))
     report = json.loads(out.read_text())
@@ -35,9 +39,20 @@ def test_every_benchmark_gives_finite_ratios(tmp_path):
     for r in report["rows"]:
         assert r["time_ms"] > 0 and r["achieved"] > 0 and r["limit"] > 0, r
         assert math.isfinite(r["ratio"]) and r["ratio"] > 0, r
-    # 2 prefill shapes; 1 batch x 2 contexts; 2 transfer rows per length; pp = 1 and 2.
+    # 2 prefill shapes; 1 batch x 2 contexts; 2 transfer rows per length; 3 pp cases.
     counts = {b: sum(r["bench"] == b for r in report["rows"]) for b in micro.BENCHMARKS}
-    assert counts == {"ceilings": 2, "prefill": 2, "decode": 2, "transfer": 4, "pp": 2}
+    assert counts == {"ceilings": 2, "prefill": 2, "decode": 2, "transfer": 4, "pp": 3}
+    pp = [(r["name"], r["shape"], r["tokens"], r["devices"]) for r in report["rows"] if r["bench"] == "pp"]
+    assert pp == [
+        ("decode pp=1 tp=1 micro=1 steps=1", "B=4 S=32", 4, 1),
+        ("decode pp=2 tp=1 micro=2 steps=1", "B=4 S=32", 4, 2),
+        ("decode pp=2 tp=2 micro=2 steps=3", "B=8 S=32", 24, 4),  # a call of 3 steps: 3 tokens per row
+    ]
+    assert [r["note"].split("; ")[1] for r in report["rows"] if r["bench"] == "pp"][0] == "1.00x pp=1"
+    # The decode rows run the preset's instance: pp=2 x tp=2, PIPELINE_STEPS tokens per call.
+    assert {(r["name"], r["tokens"]) for r in report["rows"] if r["bench"] == "decode"} == {
+        ("decode pp=2 tp=2 micro=2 steps=8", 4 * 8)
+    }
     cfg = config.shape("tiny-llama")
     for r in report["rows"]:
         if r["bench"] == "transfer":  # k and v [L, T, K, H] in float32 (T = 32 and 64 are length buckets)
@@ -47,6 +62,15 @@ def test_every_benchmark_gives_finite_ratios(tmp_path):
             assert r["bytes"] > cfg.kv_bytes_per_token(4) * r["tokens"]  # weights plus KV
     prefill = [r for r in report["rows"] if r["bench"] == "prefill"]
     assert [r["tokens"] for r in prefill] == [32, 128]
+
+
+def test_pp_cases():
+    """pp=1; pp=2 filling and draining every step; pp=2 in steady state at the same rows and at
+    twice them; pp=2 x tp=2 at twice and four times them (8 devices here)."""
+    b = micro.Bench(micro.Options(**TINY))
+    assert micro.pp_cases(b) == [(1, 1, 1, 4), (2, 1, 1, 4), (2, 1, 3, 4), (2, 1, 3, 8), (2, 2, 3, 8), (2, 2, 3, 16)]
+    b = micro.Bench(micro.Options(**{**TINY, "pp_steps": 0, "pp_batch": 0}))
+    assert micro.pp_cases(b)[2] == (2, 1, 8, 8)  # PIPELINE_STEPS; the preset's decode max_batch (8)
 
 
 def test_prefill_flops_formula():

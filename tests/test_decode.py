@@ -4,6 +4,7 @@ import re
 
 import jax
 import numpy as np
+import pytest
 
 from jdisagg.model import axes, sharding
 from jdisagg.model.config import ModelConfig
@@ -21,12 +22,21 @@ _COLLECTIVE = re.compile(
 )
 
 
-def _decode_runner():
+def _decode_runner(steps: int = 1):
     mesh = sharding.make_mesh(jax.devices()[4:], 2, 2)
     host = init_params(CFG, jax.random.key(0))
     params = jax.device_put(host, sharding.param_shardings(host, mesh, axes.DEFAULT_RULES))
     return DecodeRunner(
-        CFG, params, mesh, axes.DEFAULT_RULES, max_batch=4, n_pages=16, page_size=8, max_seq_len=64, micro_batches=2
+        CFG,
+        params,
+        mesh,
+        axes.DEFAULT_RULES,
+        max_batch=4,
+        n_pages=16,
+        page_size=8,
+        max_seq_len=64,
+        micro_batches=2,
+        steps=steps,
     )
 
 
@@ -49,8 +59,10 @@ def test_each_device_holds_only_its_stage():
     assert {s.data.shape for s in q.addressable_shards} == {(2, CFG.dim, CFG.n_heads // 2, CFG.head_dim)}
 
 
-def test_no_weight_is_gathered():
-    runner = _decode_runner()
+@pytest.mark.parametrize("steps", [1, 4])
+def test_no_weight_is_gathered(steps):
+    """Neither one step nor a call of several (the tokens fed back on the devices)."""
+    runner = _decode_runner(steps)
     b = 4
     args = (
         runner.params,
@@ -59,6 +71,7 @@ def test_no_weight_is_gathered():
         np.zeros(b, np.int32),
         np.zeros(b, np.int32),
         np.zeros((b, runner.max_pages_per_seq), np.int32),
+        np.full(b, steps, np.int32),
         SamplingArrays.of([], b),
     )
     hlo = runner._step.lower(*args).compile().as_text()
@@ -107,7 +120,7 @@ def test_steps_update_the_page_pool_in_place():
         [layer] = [p for p in runner.programs() if p.label == f"decode B={b} W={w} layer"]
         step = layer.jitted.lower(*layer.args).compile()
     else:
-        step = runner._step.lower(*common, SamplingArrays.of([], b)).compile()
+        step = runner._step.lower(*common, np.ones(b, np.int32), SamplingArrays.of([], b)).compile()
     chunk = (np.zeros(16, np.int32), np.zeros(16, np.int32), np.zeros((1, w), np.int32), np.int32(0))
     mixed = runner._mixed.lower(*common, *chunk, SamplingArrays.of([], b + 1)).compile()
     for compiled in (step, mixed):

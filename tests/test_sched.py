@@ -104,7 +104,7 @@ def test_the_youngest_is_preempted_and_requeued_first():
     s.pulled(0, s.take_pulls(0), 0.0)
     assert [r.state for r in requests] == [State.RUNNING] * 3 and s.decode[0].allocator.num_free == 0
     batch = s.take_step(0)
-    s.sampled(0, batch, [5, 5, 5], [None] * 3)  # position 32 next: each needs a third page
+    s.sampled(0, batch, [[5]] * 3, [[None]] * 3)  # position 32 next: each needs a third page
     batch = s.take_step(0)
     assert batch.requests == requests[:2]  # the youngest gave its pages to the two older ones
     young = requests[2]
@@ -118,7 +118,7 @@ def test_admission_leaves_room_for_the_next_step():
     s.submit(first)
     _prefill(s)
     s.pulled(0, s.take_pulls(0), 0.0)  # 2 pages
-    s.sampled(0, s.take_step(0), [5], [None])  # its next token needs a third page
+    s.sampled(0, s.take_step(0), [[5]], [[None]])  # its next token needs a third page
     s.submit(_req(20, max_tokens=40))
     _prefill(s)
     assert s.take_pulls(0) == []  # 2 free pages, but 1 is the running request's next: no room
@@ -151,7 +151,7 @@ def test_cancel_frees_everything_at_once(stage):
     if stage == "pulling":
         s.pulled(0, pulls, 0.0)
     if stage == "decoding":
-        s.sampled(0, step, [9, 9], [None, None])
+        s.sampled(0, step, [[9], [9]], [[None], [None]])
         assert r.output == [7]  # the in-flight step's token was not taken
     pages_of_keep = len(keep.pages)
     assert d.allocator.capacity - d.allocator.num_free == pages_of_keep
@@ -200,7 +200,7 @@ def test_times_come_from_the_injected_clock():
     pulls = s.take_pulls(0)
     s.pulled(0, pulls, 0.25)
     clock.now = 6.0
-    s.sampled(0, s.take_step(0), [8], [None])
+    s.sampled(0, s.take_step(0), [[8]], [[None]])
     assert r.arrival == 1.0 and r.finish_reason == "length" and r.output == [7, 8]
     assert r.times == {"prefill_start": 3.0, "prefill_end": 4.5, "first_token": 4.5, "admitted": 5.0, "finished": 6.0}
     assert r.transfer_s == 0.25 and r.transfer_bytes == 128

@@ -63,8 +63,8 @@ def test_a_decode_process_pulls_prefixes_held_elsewhere():
     s.cancel(reqs[2])  # cancelled while waiting for a slot: out of the held list, nothing leaked
     assert not s.held and s.take_pulls(0) == []
     batch = s.take_step(0)
-    s.sampled(0, batch, [8, 8], [None, None])
-    s.sampled(0, s.take_step(0), [9, 9], [None, None])
+    s.sampled(0, batch, [[8], [8]], [[None], [None]])
+    s.sampled(0, s.take_step(0), [[9], [9]], [[None], [None]])
     assert all(r.finished and r.output == [7, 8, 9] for r in reqs[:2])
     assert s.load().pages_used == [0] and s.idle()
 

@@ -36,9 +36,15 @@ Benchmarks (``--which``, a comma list; the ceilings always run: every ratio need
   prefix between the two meshes, each over a ``device_put`` of the same bytes from one
   device to one device (first prefill device -> first decode device). The note says
   whether the two layouts split the prefix the same way.
-* ``pp``: decode tokens/s at one batch for pp=1 on one device and pp=2 on two devices
-  (runners built from the same model); the limit is the bandwidth floor
-  ``B * copy bandwidth * devices / bytes per step``.
+* ``pp``: decode tokens/s of pipelined instances against one device, in one run (runners
+  built from the same model, each alone on the host's first devices): pp=1 (the preset's
+  decode attention) at batch B; pp=2 at B with one step per call (the pipeline filled and
+  drained every step); pp=2 with ``--pp_steps`` steps per call (each micro-batch's tokens fed
+  back on the devices: steady state) at B and at 2B (the rows of two devices); pp=2 x tp=2
+  likewise at 2B and 4B on four devices or more. The limit is the bandwidth floor
+  ``rows * copy bandwidth * devices / bytes per step``; the note gives tokens/s per device
+  and the ratio to pp=1. Multi-device instances attend with "dot" (the kernel runs on
+  instances of one device).
 
 Timing (``measure``): two warm-up calls, then two medians over ``--repeats`` samples.
 ``ms``: calls issued back to back for about 0.1 s and waited for once, per call: the
@@ -66,8 +72,7 @@ from absl import app, flags
 
 from jdisagg import cards, platform
 from jdisagg.model import axes, decoder, sharding
-from jdisagg.model.sampler import SamplingArrays
-from jdisagg.preset import DECODE_ATTENTION, InstanceSpec, MeshPreset, load_preset
+from jdisagg.preset import DECODE_ATTENTION, PIPELINE_STEPS, InstanceSpec, MeshPreset, load_preset
 from jdisagg.runtime.buckets import length_buckets
 from jdisagg.runtime.decode import DecodeRunner
 from jdisagg.runtime.instances import decode_runner, prefill_runner
@@ -114,6 +119,9 @@ _DECODE_PAGES = _Flag(
 )
 _PP_BATCH = _Flag(flags.DEFINE_integer, "pp_batch", 0, "Batch of the pp benchmark; 0: the decode max_batch.")
 _PP_CONTEXT = _Flag(flags.DEFINE_integer, "pp_context", 512, "Context tokens per request in the pp benchmark.")
+_PP_STEPS = _Flag(
+    flags.DEFINE_integer, "pp_steps", 0, "Decode steps per call of the pp benchmark's pipelines; 0: PIPELINE_STEPS."
+)
 _REPEATS = _Flag(flags.DEFINE_integer, "repeats", 10, "Timed calls per measurement (the median is reported).")
 _JSON_OUT = _Flag(flags.DEFINE_string, "json_out", "", "Write every row (and the ceilings) as JSON to this file.")
 _UNROLL = _Flag(
@@ -144,6 +152,7 @@ class Options:
     transfer_lengths: tuple[int, ...] = (128, 512, 2048)  # those within the largest length bucket run
     pp_batch: int = 0  # 0: the decode instance's max_batch
     pp_context: int = 512
+    pp_steps: int = 0  # 0: preset.PIPELINE_STEPS
     repeats: int = 10
     json_out: str = ""
     unroll_layers: bool | None = None  # None: the preset's
@@ -326,12 +335,14 @@ class Bench:
             self._prefill = prefill_runner(self.cfg, params, mesh, spec, self.preset, self.length_buckets)
         return self._prefill
 
-    def decode_runner(self, spec: InstanceSpec, n_pages: int = 0) -> DecodeRunner:
+    def decode_runner(self, spec: InstanceSpec, n_pages: int = 0, decode_attention: str = "") -> DecodeRunner:
         """A decode instance of ``spec`` (as the engine builds it) with a pool of ``n_pages``
-        (0: the preset's, or sized from free memory) filled with non-zero KV."""
+        (0: the preset's, or sized from free memory) filled with non-zero KV; ``decode_attention``
+        overrides the preset's."""
         mesh, params = self.place([self.devices[i] for i in spec.devices], spec.pp, spec.tp, spec.rules)
         n_pages = n_pages or spec.pages or auto_pages(self.cfg, mesh, spec, self.preset)
-        runner = decode_runner(self.cfg, params, mesh, spec, self.preset, n_pages)
+        preset = dataclasses.replace(self.preset, decode_attention=decode_attention or self.preset.decode_attention)
+        runner = decode_runner(self.cfg, params, mesh, spec, preset, n_pages)
         fill_pages(runner)
         return runner
 
@@ -426,16 +437,18 @@ def _decode_note(preset, width: int, n_pages: int) -> str:
 
 
 def time_decode(runner: DecodeRunner, batch: int, context: int, repeats: int) -> tuple[Timing, tuple[int, int]]:
-    """One decode step for ``batch`` requests at position ``context``, each with its own
-    ``context + 1`` positions of pages (distinct, shuffled); inputs padded as the runner
-    pads them. Returns the timing and the page table's shape [batch bucket, width bucket]."""
-    per_seq = pages_for(context + 1, runner.page_size)
+    """One decode call (``runner.steps`` steps) for ``batch`` requests at position ``context``,
+    each with its own pages for positions up to its call's last (distinct, shuffled); inputs
+    padded as the runner pads them. Returns the timing and the page table's shape [batch
+    bucket, width bucket]."""
+    per_seq = pages_for(context + runner.steps, runner.page_size)
     pages = np.random.default_rng(batch * 100003 + context).permutation(np.arange(1, runner.n_pages))
     tables = pages[: batch * per_seq].reshape(batch, per_seq).tolist()
     tokens = np.random.default_rng(context).integers(0, runner.cfg.vocab_size, batch).tolist()
-    tokens_b, pos_b, table_bp = runner._rows(tokens, [context] * batch, tables)
-    sampling = SamplingArrays.of([SamplingParams()] * len(tokens_b), len(tokens_b))
-    args = replicated(runner.mesh, tokens_b, pos_b, table_bp, sampling)
+    tokens_b, pos_b, table_bp, count_b, sampling = runner._step_inputs(
+        tokens, [context] * batch, tables, [SamplingParams()] * batch
+    )
+    args = replicated(runner.mesh, tokens_b, pos_b, table_bp, count_b, sampling)
 
     def call():
         sampled, runner.k_pages, runner.v_pages = runner._step(runner.params, runner.k_pages, runner.v_pages, *args)
@@ -446,7 +459,7 @@ def time_decode(runner: DecodeRunner, batch: int, context: int, repeats: int) ->
 
 def why_not(runner: DecodeRunner, batch: int, context: int) -> str:
     """Why ``batch`` requests of ``context`` tokens cannot run on ``runner`` ("" if they can)."""
-    per_seq = pages_for(context + 1, runner.page_size)
+    per_seq = pages_for(context + runner.steps, runner.page_size)
     if batch > runner.batch_buckets[-1]:
         return f"over the largest batch bucket {runner.batch_buckets[-1]}"
     if batch * per_seq > runner.n_pages - 1:
@@ -458,7 +471,8 @@ def bench_decode(b: Bench) -> list[Row]:
     spec = b.decode_spec
     runner, n_dev = b.decode_runner(spec, b.options.decode_pages), len(spec.devices)
     batches = sorted(set(b.options.decode_batches or runner.batch_buckets))
-    contexts = sorted({min(c, b.preset.max_seq_len - 1) for c in b.options.decode_contexts})  # room for the new token
+    # Room for the call's new tokens.
+    contexts = sorted({min(c, b.preset.max_seq_len - runner.steps) for c in b.options.decode_contexts})
     rows = []
     for context in contexts:
         for batch in batches:
@@ -473,11 +487,12 @@ def bench_decode(b: Bench) -> list[Row]:
                     raise
                 _progress(f"decode B={batch} S={context}: out of device memory; no more decode rows: {e}")
                 return rows
-            nbytes = b.decode_bytes(batch, context)
+            nbytes = b.decode_bytes(batch, context) * runner.steps  # a call of that many steps
             rows.append(
                 Row(
                     "decode",
-                    f"decode pp={spec.pp} tp={spec.tp} micro={runner.micro}",
+                    f"decode pp={spec.pp} tp={spec.tp} micro={runner.micro}"
+                    + (f" steps={runner.steps}" if runner.steps > 1 else ""),
                     f"B={batch} S={context}" + (f" (bucket {bucket})" if bucket != batch else ""),
                     t,
                     nbytes / t.seconds / 1e9,
@@ -485,7 +500,7 @@ def bench_decode(b: Bench) -> list[Row]:
                     "GB/s",
                     devices=n_dev,
                     bytes=nbytes,
-                    tokens=batch,
+                    tokens=batch * runner.steps,
                     note=_decode_note(b.preset, width, runner.n_pages),
                 )
             )
@@ -553,38 +568,70 @@ def bench_transfer(b: Bench) -> list[Row]:
 # ---- pipeline parallelism ----------------------------------------------------------------------
 
 
+def pp_cases(b: Bench) -> list[tuple[int, int, int, int]]:
+    """(pp, tp, steps per call, batch) of the pp benchmark's runs that this host and model allow."""
+    cfg, n = b.cfg, len(b.devices)
+    batch = -(-(b.options.pp_batch or b.decode_spec.max_batch) // 2) * 2
+    steps = b.options.pp_steps or PIPELINE_STEPS
+    cases = [(1, 1, 1, batch), (2, 1, 1, batch), (2, 1, steps, batch), (2, 1, steps, 2 * batch)]
+    tp_divides = all(x % 2 == 0 for x in (cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.vocab_size))
+    if n >= 4 and tp_divides:
+        cases += [(2, 2, steps, 2 * batch), (2, 2, steps, 4 * batch)]
+    return cases
+
+
 def bench_pp(b: Bench) -> list[Row]:
     spec, cfg = b.decode_spec, b.cfg
     if cfg.n_layers % 2 or len(b.devices) < 2:
         _progress(f"pp: skipped ({cfg.n_layers} layers on {len(b.devices)} device(s); needs 2 stages)")
         return []
     order = [*spec.devices, *(i for i in range(len(b.devices)) if i not in spec.devices)]
-    batch = -(-(b.options.pp_batch or spec.max_batch) // 2) * 2
-    context = min(b.options.pp_context, b.preset.max_seq_len - 1)
-    n_pages = batch * pages_for(context + 1, b.preset.page_size) + 1
-    rows = []
-    for pp in (1, 2):
-        one = dataclasses.replace(
-            spec, devices=tuple(order[:pp]), pp=pp, tp=1, micro_batches=pp, max_batch=batch, batch_buckets=(batch,)
+    context = b.options.pp_context
+    rows: list[Row] = []
+    one_device = 0.0  # pp=1 tokens/s, for the ratios
+    for pp, tp, steps, batch in pp_cases(b):
+        at = min(context, b.preset.max_seq_len - steps)  # room for the call's new tokens
+        n_pages = batch * pages_for(at + steps, b.preset.page_size) + 1
+        case = dataclasses.replace(
+            spec,
+            devices=tuple(order[: pp * tp]),
+            pp=pp,
+            tp=tp,
+            micro_batches=pp,
+            max_batch=batch,
+            batch_buckets=(batch,),
+            steps_per_call=steps,
         )
-        runner = b.decode_runner(one, n_pages)
-        _progress(f"pp={pp} on devices {list(one.devices)}: B={batch} S={context}")
-        t, _ = time_decode(runner, batch, context, b.options.repeats)
-        del runner
-        nbytes = b.decode_bytes(batch, context)
+        # The Pallas kernel runs on instances of one device; pipelines gather pages ("dot").
+        attention = b.preset.decode_attention if pp * tp == 1 else "dot"
+        _progress(f"pp={pp} tp={tp} steps={steps} on devices {list(case.devices)}: B={batch} S={at}")
+        runner = None  # the last case's pool and weights leave the devices first
+        try:
+            runner = b.decode_runner(case, n_pages, decode_attention=attention)
+            t, _ = time_decode(runner, batch, at, b.options.repeats)
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            _progress(f"pp={pp} tp={tp} B={batch}: out of device memory; skipped: {e}")
+            continue
+        per_step = b.decode_bytes(batch, at)
+        tok_s = batch * steps / t.seconds
+        if pp * tp == 1:
+            one_device = tok_s
+        versus = f"; {tok_s / one_device:.2f}x pp=1" if one_device else ""
         rows.append(
             Row(
                 "pp",
-                f"decode pp={pp} micro={pp}",
-                f"B={batch} S={context}",
+                f"decode pp={pp} tp={tp} micro={pp} steps={steps}",
+                f"B={batch} S={at}",
                 t,
-                batch / t.seconds,
-                batch * b.ceilings.copy_bytes * pp / nbytes,
+                tok_s,
+                batch * b.ceilings.copy_bytes * pp * tp / per_step,
                 "tok/s",
-                devices=pp,
-                bytes=nbytes,
-                tokens=batch,
-                note=f"{batch / t.seconds / pp:.1f} tok/s per device",
+                devices=pp * tp,
+                bytes=per_step * steps,
+                tokens=batch * steps,
+                note=f"{tok_s / (pp * tp):.1f} tok/s per device{versus}; {attention}",
             )
         )
     return rows
@@ -675,6 +722,7 @@ def options_from_flags() -> Options:
         transfer_lengths=_ints(_TRANSFER_LENGTHS.value),
         pp_batch=_PP_BATCH.value,
         pp_context=_PP_CONTEXT.value,
+        pp_steps=_PP_STEPS.value,
         repeats=_REPEATS.value,
         json_out=_JSON_OUT.value,
         unroll_layers=None if _UNROLL.value == "preset" else _UNROLL.value == "true",

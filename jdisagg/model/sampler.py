@@ -26,6 +26,10 @@ class Sampled:
     top_ids: jax.Array  # [B, MAX_LOGPROBS] int32
     top_logprobs: jax.Array  # [B, MAX_LOGPROBS] float32
 
+    def at_step(self, k: int) -> Sampled:
+        """Step ``k`` of a call of several steps (arrays [steps, B] -> [B])."""
+        return Sampled(self.tokens[k], self.logprobs[k], self.top_ids[k], self.top_logprobs[k])
+
     def logprob(self, row: int, n: int) -> Logprob:
         """Row ``row`` (host arrays) with ``n`` alternatives."""
         top = tuple(

@@ -42,7 +42,7 @@ from jdisagg.model import axes, sharding
 from jdisagg.plan import latency
 from jdisagg.plan.profile import DEFAULT_TRANSFER, Config, Profile, Serving
 from jdisagg.plan.system import batch_buckets, preset_length_buckets, width_buckets
-from jdisagg.preset import InstanceSpec, MeshPreset, load_preset
+from jdisagg.preset import PIPELINE_STEPS, InstanceSpec, MeshPreset, load_preset
 from jdisagg.runtime.buckets import bucket_for
 from jdisagg.runtime.instances import decode_runner, prefill_runner
 from jdisagg.runtime.memory import free_device_bytes, pages_that_fit
@@ -255,6 +255,7 @@ class Profiler:
             pp,
             max_batch=-(-s.decode_max_batch // pp) * pp,
             micro_batches=pp,
+            steps_per_call=PIPELINE_STEPS if pp > 1 else 1,  # as a preset's pp > 1 decode instance
             chunk_tokens=s.chunk_tokens if pp == 1 else 0,
             batch_buckets=tuple(b for b in s.batch_buckets if b % pp == 0),
         )
@@ -295,7 +296,7 @@ class Profiler:
         return out
 
     def _tables(self, runner, batch: int, context: int) -> list[list[int]]:
-        per = pages_for(context + 1, runner.page_size)
+        per = pages_for(context + runner.steps, runner.page_size)  # every step of a call has its page
         ids = np.arange(batch * per) % (runner.n_pages - 1) + 1
         return ids.reshape(batch, per).tolist()
 
@@ -305,7 +306,7 @@ class Profiler:
         for b, ctx in decode_grid(runner.batch_buckets[-1], self.serving.max_seq_len, self.o.quick):
             tables = self._tables(runner, b, ctx)
             args = ([5] * b, [ctx] * b, tables, [self.sp] * b)
-            seconds = self.time(lambda args=args: runner.step(*args))
+            seconds = self.time(lambda args=args: runner.step(*args)) / runner.steps  # per step of the call
             bb = bucket_for(b, runner.batch_buckets)
             read = (
                 b * (ctx + 1)
@@ -435,7 +436,7 @@ def host_costs(repeats: int = 20) -> tuple[float, float]:
         batch = s.take_prefill(0)
         s.prefilled(0, batch, [P() for _ in batch.requests])
         s.pulled(0, s.take_pulls(0), 0.0)
-        tokens, logprobs = [5] * rows, [None] * rows
+        tokens, logprobs = [[5]] * rows, [[None]] * rows
         times = []
         for _ in range(repeats):
             start = time.perf_counter()

@@ -238,7 +238,7 @@ class Searcher:
         ctx = round(self.mean_in + self.mean_out / 2)
         from jdisagg.sched.scheduler import DecodeBatch
 
-        batch = DecodeBatch([None] * b, [0] * b, [ctx] * b, [[0]] * b, [None] * b)
+        batch = DecodeBatch([None] * b, [0] * b, [ctx] * b, [[0]] * b, [None] * b, [1] * b)
         step = system.step_seconds(inst, batch) + system.host_seconds(b)
         rows = min(b, max(1.0, self.w.slo.tpot_s / step * b)) if step > self.w.slo.tpot_s else b
         return 0.8 * rows / (step * max(1.0, self.mean_out))

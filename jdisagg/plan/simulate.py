@@ -219,10 +219,10 @@ class Simulation:
             return bool(pulls)
         n = len(batch.requests)
         self._count_step(d, n)
-        seconds = self.system.step_seconds(inst, batch)
+        seconds = self.system.step_seconds(inst, batch) * inst.spec.steps_per_call  # a call's steps
         self.step_s += seconds
-        yield seconds, self.system.host_seconds(n)
-        sched.sampled(d, batch, self.tokens[:n], self.logprobs[:n])
+        yield seconds, self.system.host_seconds(sum(batch.steps))
+        sched.sampled(d, batch, [[TOKEN] * k for k in batch.steps], [[None] * k for k in batch.steps])
         self._ended(batch.requests)
         return True
 

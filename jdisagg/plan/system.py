@@ -239,7 +239,9 @@ def build(
             inst.n_pages, inst.batch_buckets = n_pages, batch_buckets(spec)
             inst.decode_index = len(decode_specs)
             own = inst.prefill_index if spec.runs_prefill else None
-            decode_specs.append(DecodeSpec(n_pages, preset.page_size, spec.max_batch, own, spec.chunk_tokens))
+            decode_specs.append(
+                DecodeSpec(n_pages, preset.page_size, spec.max_batch, own, spec.chunk_tokens, spec.steps_per_call)
+            )
             takes_from.append(own)
         instances.append(inst)
     return System(

@@ -1,14 +1,36 @@
-"""The decode program: one token for every request in a batch, over a paged KV cache.
+"""The decode program: tokens for every request in a batch, over a paged KV cache.
 
 The stacked layer axis is sharded over ``pp`` (each stage's devices hold only their
 layers and their layers' pages) and heads over ``tp``. The batch is split into
 ``micro_batches``; the stages run as a pipeline over them: at tick ``t`` stage ``s``
-works on micro-batch ``t - s``, so all stages are busy once the pipeline is full.
+works on the unit that entered stage 0 at tick ``t - s``, so all stages are busy once the
+pipeline is full.
+
+One call runs ``steps`` decode steps (the preset's ``steps_per_call``): the token a
+micro-batch samples is fed back to stage 0 on the device, so while stage s works on
+micro-batch m, stage s + 1 works on m - 1, and a pipeline of S stages fills and drains
+once per call, not once per step: a call of K steps over M >= S micro-batches takes
+K * M + S - 1 ticks where K calls of one step take K * (M + S - 1). With M = S each device
+reads its layers' weights M times per step on micro-batches of B / M rows, so a pp = S
+instance in steady state decodes S times the rows of one device at about one device's step
+time: the throughput of S replicas, from one pool of pages.
+
+Why this design and not stage programs that keep activations in flight between calls: the
+scheduler's verbs stay one call in, one result out (``take_step`` -> ``DecodeRunner.step``
+-> ``sampled``), the sampled tokens still come back with one device-to-host copy per call,
+and no call ever holds the half-finished work of rows the scheduler may have ended or
+preempted since. The price, paid in ``jdisagg.sched``: a call produces up to K tokens per
+row, so pages are held for K tokens ahead and stops (EOS, stop tokens, stop strings, length)
+are found after the call, the tokens past a stop dropped; streams receive K tokens at a time,
+and new requests join between calls. Each row's ``count`` (at most K, fewer near its
+``max_tokens`` or ``max_seq_len``) makes its steps past that write the null page.
 
 The pipeline is written without collectives: the stage axis is an ordinary array axis
 that ``vmap`` maps the stage function over, and sharding that axis over ``pp`` makes
 each stage run on its own devices (XLA turns the hand-over between stages, a roll of the
-stage axis, into a collective permute). With ``pp == 1`` it is a plain forward pass.
+stage axis, into a collective permute). With ``pp == 1`` and one step it is a plain
+forward pass. Sampling draws from (seed, position), so a request samples the same tokens
+whatever the number of stages, micro-batches or steps per call.
 """
 
 from __future__ import annotations
@@ -43,17 +65,56 @@ def _merge_stages(tree):
 
 
 def pipeline(
-    cfg: ModelConfig, layers: dict, kv: PagedKV, x_btd, pos_bt, *, stages: int, micro: int, stage_sharding, unroll: bool
-):
-    """Runs all layers over the batch as a ``stages``-deep pipeline of ``micro`` micro-batches."""
-    b = x_btd.shape[0]
+    cfg: ModelConfig,
+    params: dict,
+    kv: PagedKV,
+    tokens_b,
+    pos_b,
+    count_b,
+    s: SamplingArrays,
+    *,
+    stages: int,
+    micro: int,
+    steps: int,
+    stage_sharding,
+    unroll: bool,
+) -> tuple[Sampled, PagedKV]:
+    """``steps`` decode steps over the batch as a ``stages``-deep pipeline of ``micro``
+    micro-batches, each micro-batch's sampled tokens fed back on the device.
+
+    A unit of work is (step k, micro-batch m); it enters stage 0 at tick ``k * period + m``
+    (``period = max(micro, stages)``), so it enters after (k - 1, m) has left the last stage
+    and been sampled. Returns ``Sampled`` [steps, B] and the updated cache.
+    """
+    b = tokens_b.shape[0]
     mb = b // micro
-    layers_s = _split_stages(layers, stages)
+    period = max(micro, stages)
+    layers_s = _split_stages(params["layers"], stages)
     pages_s = _split_stages((kv.k_pages, kv.v_pages), stages)
-    x_m, pos_m = x_btd.reshape(micro, mb, *x_btd.shape[1:]), pos_bt.reshape(micro, mb, -1)
-    table_m = kv.page_table.reshape(micro, mb, -1)
+
+    def by_micro(a):  # [B, ...] -> [micro, B / micro, ...]
+        return a.reshape(micro, mb, *a.shape[1:])
+
+    pos_m, count_m, table_m = by_micro(pos_b), by_micro(count_b), by_micro(kv.page_table)
+    s_m = jax.tree_util.tree_map(by_micro, s)
     stage_ids = jnp.arange(stages)
     constrain = functools.partial(jax.lax.with_sharding_constraint, shardings=stage_sharding)
+
+    def unit(entered):
+        """The (step, micro-batch) that entered stage 0 at tick ``entered``, and whether one did."""
+        k, m = entered // period, entered % period
+        real = (entered >= 0) & (m < micro) & (k < steps)
+        return jnp.clip(k, 0, steps - 1), jnp.clip(m, 0, micro - 1), real
+
+    def positions(k, m, real):
+        """[..., mb] where step k of micro-batch m writes; -1 (the null page) for idle stages,
+        empty rows and rows past their count."""
+        pos = pos_m[m]
+        live = real[..., None] & (pos >= 0) & (k[..., None] < count_m[m])
+        return jnp.where(live, pos + k[..., None], -1)
+
+    def sample_m(x_bd, k, m):
+        return sample(decoder.logits(cfg, params, x_bd), jax.tree_util.tree_map(lambda a: a[m], s_m), pos_m[m] + k + 1)
 
     def stage(layers, k_pages, v_pages, table, x, pos):
         stage_kv = kv.replace(k_pages=k_pages, v_pages=v_pages, page_table=table)
@@ -61,23 +122,29 @@ def pipeline(
         return x, stage_kv.k_pages, stage_kv.v_pages
 
     def tick(carry, t):
-        state_s, out_m, (k_s, v_s) = carry
-        m_s = t - stage_ids  # the micro-batch each stage works on at this tick
-        active_s = (m_s >= 0) & (m_s < micro)
-        m_s = jnp.clip(m_s, 0, micro - 1)
-        # Stage 0 takes the next micro-batch; stage s takes what stage s - 1 produced.
-        in_s = jnp.roll(state_s, 1, axis=0).at[0].set(x_m[jnp.minimum(t, micro - 1)])
-        pos_s = jnp.where(active_s[:, None, None], pos_m[m_s], -1)  # idle stages write the null page
-        state_s, k_s, v_s = jax.vmap(stage)(layers_s, k_s, v_s, table_m[m_s], constrain(in_s), pos_s)
+        state_s, last_m, out, (k_s, v_s) = carry
+        k, m, real = unit(t - stage_ids)  # [stages]: the unit each stage works on at this tick
+        pos_s = positions(k, m, real)
+        # Stage 0 takes its micro-batch's latest tokens; stage s takes what stage s - 1 produced.
+        x_0 = decoder.embed(cfg, params, last_m[m[0]][:, None], pos_s[0][:, None])
+        in_s = jnp.roll(state_s, 1, axis=0).at[0].set(x_0)
+        state_s, k_s, v_s = jax.vmap(stage)(layers_s, k_s, v_s, table_m[m], constrain(in_s), pos_s[..., None])
         state_s = constrain(state_s)
-        done = t - (stages - 1)  # the micro-batch leaving the last stage
-        out_m = jnp.where(done >= 0, out_m.at[jnp.maximum(done, 0)].set(state_s[-1]), out_m)
-        return (state_s, out_m, (k_s, v_s)), None
+        # The unit leaving the last stage: sample its next tokens, to feed them back.
+        k_out, m_out, done = k[-1], m[-1], real[-1]
+        new = sample_m(state_s[-1][:, 0], k_out, m_out)
+        last_m = last_m.at[m_out].set(jnp.where(done, new.tokens, last_m[m_out]))
+        out = jax.tree_util.tree_map(lambda o, n: o.at[k_out, m_out].set(jnp.where(done, n, o[k_out, m_out])), out, new)
+        return (state_s, last_m, out, (k_s, v_s)), None
 
-    state_s = jnp.zeros((stages, *x_m.shape[1:]), x_btd.dtype)
-    carry = (state_s, jnp.zeros_like(x_m), pages_s)
-    (_, out_m, (k_s, v_s)), _ = jax.lax.scan(tick, carry, jnp.arange(micro + stages - 1))
-    return out_m.reshape(x_btd.shape), kv.replace(k_pages=_merge_stages(k_s), v_pages=_merge_stages(v_s))
+    state_s = jnp.zeros((stages, mb, 1, cfg.dim), cfg.dtype)
+    one = jax.eval_shape(sample_m, jax.ShapeDtypeStruct((mb, cfg.dim), cfg.dtype), 0, 0)
+    out = jax.tree_util.tree_map(lambda a: jnp.zeros((steps, micro, *a.shape), a.dtype), one)
+    carry = (state_s, by_micro(tokens_b), out, pages_s)
+    ticks = (steps - 1) * period + micro + stages - 1
+    (_, _, out, (k_s, v_s)), _ = jax.lax.scan(tick, carry, jnp.arange(ticks))
+    out = jax.tree_util.tree_map(lambda a: a.reshape(steps, b, *a.shape[3:]), out)
+    return out, kv.replace(k_pages=_merge_stages(k_s), v_pages=_merge_stages(v_s))
 
 
 def decode_embed(cfg: ModelConfig, params, tokens_b, pos_b):
@@ -94,7 +161,9 @@ def decode_layer(cfg: ModelConfig, decode_attention: str, layer, pages, x_btd, p
 
 
 def decode_head(cfg: ModelConfig, params, x_btd, s: SamplingArrays, pos_b) -> Sampled:
-    return sample(decoder.logits(cfg, params, x_btd[:, 0]), s, pos_b + 1)
+    """What one step samples, as a call of one step: ``Sampled`` [1, B]."""
+    sampled = sample(decoder.logits(cfg, params, x_btd[:, 0]), s, pos_b + 1)
+    return jax.tree_util.tree_map(lambda a: a[None], sampled)
 
 
 def decode_step(
@@ -105,40 +174,47 @@ def decode_step(
     tokens_b,
     pos_b,
     page_table_bp,
+    count_b,
     s: SamplingArrays,
     *,
     stages: int,
     micro: int,
+    steps: int,
     stage_sharding,
     unroll: bool,
     decode_attention: str = "dot",
 ):
-    """Feeds each request's last token (at ``pos_b``; -1 for an empty row) and samples the next.
+    """``steps`` decode steps: feeds each request's last token (at ``pos_b``; -1 for an empty
+    row), samples the next and feeds that back, on the device. Row b takes ``count_b[b]`` of
+    the steps (its page table holds their positions); its later steps write the null page.
 
-    Returns what was sampled (``Sampled``, [B]) and the updated page pools.
+    Returns what was sampled (``Sampled``, [steps, B]) and the updated page pools.
     """
     kv = PagedKV(k_pages, v_pages, page_table_bp, decode_attention)
-    x_btd = decode_embed(cfg, params, tokens_b, pos_b)
-    if stages == 1 and micro == 1:
+    if stages == 1 and micro == 1 and steps == 1:
+        x_btd = decode_embed(cfg, params, tokens_b, pos_b)
         x_btd, kv = forward_layers(cfg, params["layers"], x_btd, pos_b[:, None], kv, unroll=unroll)
-    else:
-        x_btd, kv = pipeline(
-            cfg,
-            params["layers"],
-            kv,
-            x_btd,
-            pos_b[:, None],
-            stages=stages,
-            micro=micro,
-            stage_sharding=stage_sharding,
-            unroll=unroll,
-        )
-    return decode_head(cfg, params, x_btd, s, pos_b), kv.k_pages, kv.v_pages
+        return decode_head(cfg, params, x_btd, s, pos_b), kv.k_pages, kv.v_pages
+    sampled, kv = pipeline(
+        cfg,
+        params,
+        kv,
+        tokens_b,
+        pos_b,
+        count_b,
+        s,
+        stages=stages,
+        micro=micro,
+        steps=steps,
+        stage_sharding=stage_sharding,
+        unroll=unroll,
+    )
+    return sampled, kv.k_pages, kv.v_pages
 
 
 class HostDecodeStep:
-    """``decode_step`` (same arguments and results) with the layer loop run from the host
-    (``jdisagg.model.host_loop``): an embed program, one program per layer, a head program."""
+    """``decode_step`` of one step (same arguments and results) with the layer loop run from
+    the host (``jdisagg.model.host_loop``): an embed program, one program per layer, a head program."""
 
     def __init__(self, cfg: ModelConfig, layers: tuple[dict, ...], mesh: Mesh, decode_attention: str):
         self.layers = layers
@@ -149,7 +225,8 @@ class HostDecodeStep:
         )
         self.head = jax.jit(functools.partial(decode_head, cfg), compiler_options=XLA_OPTIONS)
 
-    def __call__(self, params, k_pages, v_pages, tokens_b, pos_b, page_table_bp, s):
+    def __call__(self, params, k_pages, v_pages, tokens_b, pos_b, page_table_bp, count_b, s):
+        del count_b  # one step: every row takes it
         # On the device once, not once per layer call.
         tokens_b, pos_b, page_table_bp = jax.device_put((tokens_b, pos_b, page_table_bp), self.replicated)
         x_btd = self.embed(params, tokens_b, pos_b)
@@ -158,7 +235,7 @@ class HostDecodeStep:
         )
         return self.head(params, x_btd, s, pos_b), k_pages, v_pages
 
-    def programs(self, label: str, params, k_pages, v_pages, tokens_b, pos_b, page_table_bp, s, *, head: bool):
+    def programs(self, label: str, params, k_pages, v_pages, tokens_b, pos_b, page_table_bp, count_b, s, *, head: bool):
         """The layer program (and with ``head`` the embed and head programs) at these shapes."""
         x_btd = jax.eval_shape(self.embed, params, tokens_b, pos_b)
         x_btd = jax.ShapeDtypeStruct(x_btd.shape, x_btd.dtype, sharding=self.replicated)
@@ -231,8 +308,10 @@ class DecodeRunner:
         batch_buckets: tuple[int, ...] = (),
         unroll: bool = False,
         decode_attention: str = "dot",
+        steps: int = 1,
     ):
         self.cfg, self.params, self.mesh = cfg, params, mesh
+        self.steps = steps  # decode steps per call (the preset's steps_per_call)
         self.chunk_tokens = chunk_tokens  # > 0: this instance also prefills, in chunks of this size
         self.page_size, self.n_pages = page_size, n_pages
         self.max_pages_per_seq = pages_for(max_seq_len, page_size)
@@ -258,7 +337,7 @@ class DecodeRunner:
         self.k_pages, self.v_pages = zeros(), zeros()
         replicated = NamedSharding(mesh, PartitionSpec())
         # One device on CPU: the layer loop runs from the host (jdisagg.model.host_loop).
-        self.host_loop = host_loop.on_host(mesh) and stages == 1 and micro_batches == 1
+        self.host_loop = host_loop.on_host(mesh) and stages == 1 and micro_batches == 1 and steps == 1
         if self.host_loop:
             layers = host_loop.shared_unstack(params, decoder.unstack_layers)
             self._step = HostDecodeStep(cfg, layers, mesh, decode_attention)
@@ -269,6 +348,7 @@ class DecodeRunner:
                     cfg,
                     stages=stages,
                     micro=micro_batches,
+                    steps=steps,
                     stage_sharding=stage_sharding,
                     unroll=unroll,
                     decode_attention=decode_attention,
@@ -292,16 +372,25 @@ class DecodeRunner:
         self.k_pages, self.v_pages = self._insert(self.k_pages, self.v_pages, k_ltkh, v_ltkh, ids)
 
     def step(
-        self, tokens: list[int], positions: list[int], page_tables: list[list[int]], params: list[SamplingParams]
+        self,
+        tokens: list[int],
+        positions: list[int],
+        page_tables: list[list[int]],
+        params: list[SamplingParams],
+        counts: list[int] | None = None,
     ) -> Sampled:
-        """One decode step for ``len(tokens)`` requests; returns what they sampled (host arrays)."""
-        inputs = self._step_inputs(tokens, positions, page_tables, params)
+        """One call of ``self.steps`` decode steps for ``len(tokens)`` requests, request i
+        taking ``counts[i]`` of them (default: all; its page table covers their positions).
+        Returns what they sampled: host arrays [steps, batch bucket]."""
+        inputs = self._step_inputs(tokens, positions, page_tables, params, counts)
         sampled, self.k_pages, self.v_pages = self._step(self.params, self.k_pages, self.v_pages, *inputs)
-        return jax.device_get(sampled)  # the step's one device-to-host copy
+        return jax.device_get(sampled)  # the call's one device-to-host copy
 
-    def _step_inputs(self, tokens, positions, page_tables, params):
+    def _step_inputs(self, tokens, positions, page_tables, params, counts=None):
         tokens_b, pos_b, table_bp = self._rows(tokens, positions, page_tables)
-        return tokens_b, pos_b, table_bp, SamplingArrays.of(params, len(tokens_b))
+        count_b = np.zeros_like(tokens_b)
+        count_b[: len(tokens)] = self.steps if counts is None else counts
+        return tokens_b, pos_b, table_bp, count_b, SamplingArrays.of(params, len(tokens_b))
 
     def _rows(self, tokens, positions, page_tables, min_width: int = 1):
         """Batch inputs padded to a batch bucket and a page-table width bucket."""

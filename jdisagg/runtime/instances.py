@@ -54,6 +54,7 @@ def decode_runner(cfg, params, mesh, spec: InstanceSpec, preset: MeshPreset, n_p
         batch_buckets=spec.batch_buckets,
         unroll=preset.unroll_layers,
         decode_attention=preset.decode_attention,
+        steps=spec.steps_per_call,
     )
 
 
@@ -107,7 +108,7 @@ class Instances:
             for r, spec in zip(self.prefill, self.preset.prefill, strict=True)
         ]
         decode = [
-            DecodeSpec(r.n_pages, r.page_size, spec.max_batch, own, r.chunk_tokens)
+            DecodeSpec(r.n_pages, r.page_size, spec.max_batch, own, r.chunk_tokens, spec.steps_per_call)
             for r, spec, own in zip(self.decode, self.preset.decode, self.decode_takes_from, strict=True)
         ]
         return prefill, decode

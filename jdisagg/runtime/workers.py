@@ -76,21 +76,26 @@ def decode_once(sched: Scheduler, d: int, runner: DecodeRunner, transfer: KVTran
 
 
 def step_once(sched: Scheduler, d: int, runner: DecodeRunner, before: Callable | None = None) -> bool:
-    """One decode step of instance ``d``; False when it has no rows. ``before(batch)`` runs
-    just before the device call (a multi-process instance tells its other processes)."""
+    """One decode call of instance ``d`` (``steps_per_call`` steps); False when it has no rows.
+    ``before(batch)`` runs just before the device call (a multi-process instance tells its
+    other processes)."""
     batch = sched.take_step(d)
     if batch is None:
         return False
     if before is not None:
         before(batch)
     try:
-        sampled = runner.step(batch.tokens, batch.positions, batch.page_tables, batch.params)
+        sampled = runner.step(batch.tokens, batch.positions, batch.page_tables, batch.params, batch.steps)
     except Exception as e:
         sched.fail(batch.requests, f"decode failed: {e}")
         raise
-    n = len(batch.requests)
-    logprobs = [sampled.logprob(i, p.logprobs) if p.logprobs else None for i, p in enumerate(batch.params)]
-    sched.sampled(d, batch, sampled.tokens[:n].tolist(), logprobs)
+    rows = sampled.tokens.T.tolist()  # [B][steps]
+    tokens = [row[:n] for row, n in zip(rows, batch.steps, strict=False)]
+    logprobs = [
+        [sampled.at_step(k).logprob(i, p.logprobs) if p.logprobs else None for k in range(n)]
+        for i, (p, n) in enumerate(zip(batch.params, batch.steps, strict=True))
+    ]
+    sched.sampled(d, batch, tokens, logprobs)
     return True
 
 
@@ -102,7 +107,7 @@ def chunked_once(sched: Scheduler, d: int, runner: DecodeRunner) -> bool:
     b = step.batch
     try:
         if step.chunk is None:
-            sampled = runner.step(b.tokens, b.positions, b.page_tables, b.params)
+            sampled = runner.step(b.tokens, b.positions, b.page_tables, b.params).at_step(0)  # one step per call
             rows = list(range(len(b.requests)))
             params = b.params
         else:

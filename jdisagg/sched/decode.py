@@ -1,4 +1,9 @@
-"""What a decode instance owns: its batch slots and its page pool, admission and preemption."""
+"""What a decode instance owns: its batch slots and its page pool, admission and preemption.
+
+An instance may run several decode steps per device call (``steps``, a pipelined instance's
+``steps_per_call``): every page a request's next call writes is held before the call, so
+admission leaves room for the running requests' next calls, not just their next tokens.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,19 @@ from jdisagg.sched.request import Request, State
 class DecodeSlots:
     """The requests one decode instance runs, and the pages they hold."""
 
-    def __init__(self, n_pages: int, page_size: int, max_batch: int, *, takes_from: int | None = None):
+    def __init__(
+        self,
+        n_pages: int,
+        page_size: int,
+        max_batch: int,
+        *,
+        max_seq_len: int,
+        takes_from: int | None = None,
+        steps: int = 1,
+    ):
         self.allocator = PageAllocator(n_pages)
         self.page_size, self.max_batch = page_size, max_batch
+        self.max_seq_len, self.steps = max_seq_len, steps
         # Colocated: the prefill instance on the same devices (a replica decodes only what it
         # prefilled); None: any prefill instance's prefixes.
         self.takes_from = takes_from
@@ -33,19 +48,30 @@ class DecodeSlots:
     def pages_used(self) -> int:
         return self.allocator.capacity - self.allocator.num_free
 
+    def call_tokens(self, request: Request) -> int:
+        """Tokens the request's next device call produces: ``steps``, or fewer where its
+        ``max_tokens`` or ``max_seq_len`` comes first (a stop token may still end it sooner)."""
+        left = min(request.params.max_tokens - len(request.output), self.max_seq_len - 1 - request.position)
+        return max(1, min(self.steps, left))
+
+    def _call_pages(self, request: Request) -> int:
+        """Pages the request holds once its next call's positions have pages."""
+        return pages_for(request.position + self.call_tokens(request), self.page_size)
+
     def _next_step_pages(self) -> int:
-        """Pages the running requests need for their next tokens (those crossing a page boundary)."""
-        return sum(pages_for(r.position + 1, self.page_size) > len(r.pages) for r in self.running)
+        """Pages the running requests still need for their next calls."""
+        return sum(max(0, self._call_pages(r) - len(r.pages)) for r in self.running)
 
     def can_admit(self, request: Request) -> bool:
-        """Whether a batch slot and pages for the request's prefix plus one token are free,
-        after the running requests' next tokens (so admitting never forces a preemption)."""
-        needed = pages_for(request.position + 1, self.page_size) + self._next_step_pages()
+        """Whether a batch slot and pages for the request's prefix plus its first call's
+        tokens are free, after the running requests' next calls (so admitting never forces a
+        preemption)."""
+        needed = self._call_pages(request) + self._next_step_pages()
         return len(self) < self.max_batch and needed <= self.allocator.num_free
 
     def admit(self, request: Request) -> None:
         """Takes the request (``can_admit`` must hold): allocates its pages; its KV is to be pulled."""
-        request.pages = self.allocator.allocate(pages_for(request.position + 1, self.page_size))
+        request.pages = self.allocator.allocate(self._call_pages(request))
         request.state = State.PULLING
         self.pulling.append(request)
         self.admitted += 1
@@ -82,7 +108,7 @@ class DecodeSlots:
             self.chunking = None
 
     def reserve_next(self) -> list[Request]:
-        """Makes sure every running request has a page for its next position.
+        """Makes sure every running request has pages for its next call's positions.
 
         When pages run out, the youngest requests are preempted (their pages freed) until
         the rest fit; returns the preempted requests, which the caller re-queues.
@@ -91,7 +117,7 @@ class DecodeSlots:
         for request in list(self.running):
             if request not in self.running:
                 continue  # preempted in this loop
-            while pages_for(request.position + 1, self.page_size) > len(request.pages):
+            while self._call_pages(request) > len(request.pages):
                 page = self.allocator.allocate(1)
                 if page is not None:
                     request.pages += page

@@ -6,11 +6,18 @@ clock) call, per instance::
 
     prefill i:  batch = take_prefill(i)      -> run the prompts   -> prefilled(i, batch, prefixes)
     decode d:   pulls = take_pulls(d)        -> move their KV     -> pulled(d, pulls, seconds)
-                batch = take_step(d)         -> one decode step   -> sampled(d, batch, tokens, logprobs)
+                batch = take_step(d)         -> decode step(s)    -> sampled(d, batch, tokens, logprobs)
     chunked d:  step = take_chunk_step(d)    -> one mixed step    -> chunk_sampled(d, step, tokens, logprobs)
 
 Each ``take_*`` returns a small value naming the requests and their inputs (read under the
 lock); the runner executes it; the matching update verb takes it back with the results.
+
+A decode instance may run several steps per device call (``DecodeSpec.steps``; a pipelined
+instance does, so its stages stay busy): ``take_step`` then says how many tokens each row may
+produce (``DecodeBatch.steps``: fewer near its ``max_tokens`` or ``max_seq_len``) with pages
+held for all of them, and ``sampled`` gets each row's tokens in order. Stop tokens and stop
+strings are found there, after the fact: a row that stops keeps the tokens up to the one that
+stopped it and drops the rest (the call wrote their KV into pages the row frees now).
 
 and any thread calls ``submit``, ``cancel`` and ``fail``. Every verb is atomic (one lock),
 and the runners never decide anything: what to run, where, and when a request ends is
@@ -66,6 +73,7 @@ class DecodeSpec:
     max_batch: int
     takes_from: int | None = None  # colocated: its own prefill instance; None: any
     chunk_tokens: int = 0  # > 0: a chunked-prefill instance, prefilling this many tokens per step
+    steps: int = 1  # decode steps per device call: tokens per row per call, at most
 
 
 # What one device call runs, read under the lock (a cancel from another thread may change the
@@ -93,15 +101,18 @@ class DecodeBatch:
     positions: list[int]  # where it goes
     page_tables: list[list[int]]
     params: list[SamplingParams]
+    steps: list[int]  # tokens each row's call produces (its pages are held); 1 per step-at-a-time instance
 
     @classmethod
-    def of(cls, rows: Sequence[Request]) -> DecodeBatch:
+    def of(cls, slots: DecodeSlots) -> DecodeBatch:
+        rows = slots.running
         return cls(
             list(rows),
             [r.output[-1] for r in rows],
             [r.position for r in rows],
             [list(r.pages) for r in rows],
             [r.params for r in rows],
+            [slots.call_tokens(r) for r in rows],
         )
 
 
@@ -145,7 +156,12 @@ class Scheduler:
         self.max_seq_len, self.eos_ids, self.clock = max_seq_len, tuple(eos_ids), clock
         self.queue = PrefillQueue()
         self.prefill = [PrefillBuffer(i, s.max_prompts, s.token_budget, s.buffer_tokens) for i, s in enumerate(prefill)]
-        self.decode = [DecodeSlots(s.n_pages, s.page_size, s.max_batch, takes_from=s.takes_from) for s in decode]
+        self.decode = [
+            DecodeSlots(
+                s.n_pages, s.page_size, s.max_batch, max_seq_len=max_seq_len, takes_from=s.takes_from, steps=s.steps
+            )
+            for s in decode
+        ]
         self.chunk_tokens = [s.chunk_tokens for s in decode]
         self.held: list[Request] = []  # prefixes held for decode, FCFS across prefill instances
         self.lock = threading.RLock()
@@ -233,7 +249,7 @@ class Scheduler:
                 self._mark(r, "prefill_end")
                 if not r.output:  # a first prefill; after a preemption the output is already there
                     self._mark(r, "first_token")
-                    if self._take_token(r, prefix.first_token, prefix.first_logprob):
+                    if self._take_tokens(r, [prefix.first_token], [prefix.first_logprob]):
                         continue
                 b.hold(r, prefix)
                 self.held.append(r)
@@ -298,18 +314,25 @@ class Scheduler:
         self.on_change()
 
     def take_step(self, d: int) -> DecodeBatch | None:
-        """The rows of decode instance ``d``'s next step, each with a page for its next token
-        (the youngest are preempted and re-queued when pages run out); None without rows."""
+        """The rows of decode instance ``d``'s next call, each with pages for the tokens it
+        produces (the youngest are preempted and re-queued when pages run out); None without rows."""
         with self.lock:
             slots = self.decode[d]
             self._preempt(slots)
-            return DecodeBatch.of(slots.running) if slots.running else None
+            return DecodeBatch.of(slots) if slots.running else None
 
-    def sampled(self, d: int, batch: DecodeBatch, tokens: Sequence[int], logprobs: Sequence[Logprob | None]) -> None:
-        """Decode instance ``d``'s step gave ``tokens`` (one per row, then padding)."""
+    def sampled(
+        self,
+        d: int,
+        batch: DecodeBatch,
+        tokens: Sequence[Sequence[int]],
+        logprobs: Sequence[Sequence[Logprob | None]],
+    ) -> None:
+        """Decode instance ``d``'s call gave each row its ``tokens`` (``batch.steps`` of them, in
+        order) and their ``logprobs``; a row that stops drops the tokens after the stop."""
         with self.lock:
-            for r, token, logprob in zip(batch.requests, tokens, logprobs, strict=False):
-                if not r.finished and self._take_token(r, token, logprob):
+            for r, row_tokens, row_logprobs in zip(batch.requests, tokens, logprobs, strict=False):
+                if not r.finished and self._take_tokens(r, row_tokens, row_logprobs):
                     self.decode[d].release(r)
         self.on_change()
 
@@ -330,7 +353,7 @@ class Scheduler:
             r = slots.chunking
             if r is None and not slots.running:
                 return None
-            step = ChunkStep(DecodeBatch.of(slots.running))
+            step = ChunkStep(DecodeBatch.of(slots))
             if r is not None:
                 start = slots.chunk_done
                 piece = r.prefill_tokens[start : start + self.chunk_tokens[d]]
@@ -340,7 +363,7 @@ class Scheduler:
     def chunk_sampled(self, d: int, step: ChunkStep, tokens: Sequence[int], logprobs: Sequence[Logprob | None]) -> None:
         """The mixed step gave one token per row, then (last) the token after the chunk."""
         n = len(step.batch.requests)
-        self.sampled(d, step.batch, tokens[:n], logprobs[:n])
+        self.sampled(d, step.batch, [[t] for t in tokens[:n]], [[lp] for lp in logprobs[:n]])
         r = step.chunk
         if r is None:
             return
@@ -357,19 +380,24 @@ class Scheduler:
             slots.start(r)
             if not r.output:
                 self._mark(r, "first_token")
-                if self._take_token(r, tokens[-1], logprobs[-1]):
+                if self._take_tokens(r, [tokens[-1]], [logprobs[-1]]):
                     slots.release(r)
         self.on_change()
 
     # ---- updates -----------------------------------------------------------------------
 
-    def _take_token(self, r: Request, token: int, logprob: Logprob | None) -> bool:
-        """Appends a token, streams it, and finishes the request if it stops; True if it did."""
-        reason = append_token(r, token, logprob, self.eos_ids, self.max_seq_len)
-        if reason:
-            r.finish_reason, r.state = reason, State.FINISHED
-            self._mark(r, "finished")
-        self._emit(r, [token], [logprob] if r.params.logprobs else [])
+    def _take_tokens(self, r: Request, tokens: Sequence[int], logprobs: Sequence[Logprob | None]) -> bool:
+        """Appends tokens in order until one stops the request (the rest are dropped), streams
+        those taken in one update, and finishes the request if it stopped; True if it did."""
+        reason, taken = None, 0
+        for token, logprob in zip(tokens, logprobs, strict=True):
+            taken += 1
+            reason = append_token(r, token, logprob, self.eos_ids, self.max_seq_len)
+            if reason:
+                r.finish_reason, r.state = reason, State.FINISHED
+                self._mark(r, "finished")
+                break
+        self._emit(r, list(tokens[:taken]), list(logprobs[:taken]) if r.params.logprobs else [])
         return reason is not None
 
     def _preempt(self, slots: DecodeSlots) -> None:

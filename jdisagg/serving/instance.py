@@ -522,7 +522,12 @@ class InstanceServer:
         if self.lockstep is not None:
             params = [dataclasses.asdict(p) for p in batch.params]
             self.lockstep.send(
-                {"op": "step", "rows": [batch.tokens, batch.positions, batch.page_tables], "params": params}
+                {
+                    "op": "step",
+                    "rows": [batch.tokens, batch.positions, batch.page_tables],
+                    "params": params,
+                    "steps": batch.steps,
+                }
             )
 
     def _land_arrived(self) -> bool:
@@ -598,7 +603,7 @@ class InstanceServer:
                         runner.insert(*m, _insert_pages(ids, prefix.length, runner.page_size))
             elif op["op"] == "step":
                 params = [SamplingParams(**_params(p)) for p in op["params"]]
-                runner.step(*op["rows"], params)
+                runner.step(*op["rows"], params, op["steps"])
 
     async def decode(self, call: ipb.DecodeCall, context):
         """Decodes one request from a prefix held by a prefill process."""
