@@ -12,7 +12,9 @@
 # GPUs (CUDA_VISIBLE_DEVICES).
 # Rates run lowest first; once a rate's attainment is below 50% the higher ones are skipped
 # (they cannot change the goodput, and an overloaded point takes long to drain).
-# SLOs are the DistServe paper's for OPT-13B: chat TTFT 0.25 s / TPOT 0.1 s, code 0.125 s / 0.2 s.
+# SLOs are the DistServe paper's for OPT-13B: chat TTFT 0.25 s / TPOT 0.1 s, code 0.125 s / 0.2 s;
+# SLO_CHAT, SLO_CODE, SLO_SUMMARIZE ("TTFT TPOT" in seconds) override them (OPT-66B: chat
+# "0.4 0.1", summarize "15 0.15"; summarize defaults to "1.0 0.1").
 # On a machine without network: HUMANEVAL is the HumanEval.lengths.json that a `code` run
 # writes next to its cached HumanEval file, and grpcio-health-checking / grpcio-reflection
 # must be installed (see BENCHMARKS.md for the exact set-up used). Results are gzipped compact
@@ -35,10 +37,11 @@ for system in $systems; do
   for w in $workloads; do
     name=${w%%:*} rates=${w#*:}
     case $name in
-      chat) slo=(--slo_ttft 0.25 --slo_tpot 0.1) ;;
-      code) slo=(--slo_ttft 0.125 --slo_tpot 0.2) ;;
-      *) slo=(--slo_ttft 1.0 --slo_tpot 0.1) ;;
+      chat) read -r ttft tpot <<<"${SLO_CHAT:-0.25 0.1}" ;;
+      code) read -r ttft tpot <<<"${SLO_CODE:-0.125 0.2}" ;;
+      *) read -r ttft tpot <<<"${SLO_SUMMARIZE:-1.0 0.1}" ;;
     esac
+    slo=(--slo_ttft "$ttft" --slo_tpot "$tpot")
     extra=()
     [[ $name == code && -n $humaneval ]] && extra=(--humaneval_path "$humaneval")
     python3 -m jdisagg.bench run --target "127.0.0.1:$port" --workload "$name" --rates "$rates" \
