@@ -108,9 +108,10 @@ class MeshPreset:
     unroll_layers: bool = False
     # How decode rows attend over their pages (attention.PagedKV): "dot" gathers the pages
     # of the batch's widest length bucket and runs matmuls (any platform, any sharding);
-    # "pallas" runs a kernel over each request's own pages, for instances whose decode runs on
-    # one device: the Triton one (jdisagg.paged_kernel) on GPUs, JAX's TPU paged attention
-    # (jdisagg.tpu_attention) on TPUs, either interpreted on CPU for tests.
+    # "pallas" runs a kernel over each request's own pages: the Triton one
+    # (jdisagg.paged_kernel) on GPUs, JAX's TPU paged attention (jdisagg.tpu_attention) on
+    # TPUs, either interpreted on CPU for tests; on an instance of several devices each device
+    # runs it over its own heads and its pipeline stage's layers (attention.HeadSplit).
     decode_attention: str = "dot"
 
     @property
@@ -157,10 +158,12 @@ class MeshPreset:
                     f"{where}: {spec.where}.max_batch={spec.max_batch} must be a multiple of "
                     f"micro_batches={spec.micro_batches}"
                 )
-            if self.decode_attention == "pallas" and spec.runs_decode and len(spec.devices) > 1:
+            heads, kv_heads = spec.rules.get(axes.HEADS), spec.rules.get(axes.KV_HEADS)
+            if self.decode_attention == "pallas" and spec.runs_decode and len(spec.devices) > 1 and heads != kv_heads:
                 raise ValueError(
-                    f'{where}: decode_attention = "pallas" runs on instances of one device, but '
-                    f'{spec.where} has {len(spec.devices)} (pp={spec.pp}, tp={spec.tp}); use "dot"'
+                    f'{where}: decode_attention = "pallas" runs on each device over its own heads, but '
+                    f"{spec.where}.rules split heads over {heads!r} and kv_heads over {kv_heads!r}; "
+                    'put both on one mesh axis, or use "dot"'
                 )
         if self.max_seq_len > cfg.max_seq_len:
             raise ValueError(

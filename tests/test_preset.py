@@ -104,9 +104,18 @@ def test_preset_against_model_and_host(tmp_path):
     five_layers = shape("tiny-llama").replace(n_layers=5)
     with pytest.raises(ValueError, match=r"decode\[0\].pp=2 does not divide the model's layers \(5\)"):
         p.validate(five_layers, 8)
-    pallas = _load(tmp_path, GOOD.replace("max_seq_len = 512", 'max_seq_len = 512\ndecode_attention = "pallas"'))
-    with pytest.raises(ValueError, match=r"\"pallas\" runs on instances of one device, but decode\[0\] has 4"):
-        pallas.validate(shape("tiny-llama"), 8)
+    # The kernels run per device over each device's heads (attention.HeadSplit): pp=2 x tp=2 takes
+    # them; rules that split query heads and KV heads differently do not.
+    pallas_text = GOOD.replace("max_seq_len = 512", 'max_seq_len = 512\ndecode_attention = "pallas"')
+    for platform in ("gpu", "tpu"):
+        _load(tmp_path, pallas_text).validate(shape("tiny-llama"), 8, platform)
+    split_kv = _load(tmp_path, pallas_text + 'rules = { kv_heads = "" }\n')
+    with pytest.raises(
+        ValueError,
+        match=r"\"pallas\" runs on each device over its own heads, but decode\[0\]\.rules split heads over "
+        r"'tp' and kv_heads over None; put both on one mesh axis, or use \"dot\"$",
+    ):
+        split_kv.validate(shape("tiny-llama"), 8)
     one_device = _load(
         tmp_path, 'max_seq_len = 512\ndecode_attention = "pallas"\n[[colocated]]\ndevices = [0]\npages = 64\n'
     )

@@ -13,23 +13,35 @@ live (each cache view's ``attend`` stores the new k, v and attends over its cont
 * ``MixedKV`` (chunked prefill): decode rows and a prompt chunk packed in one step.
 
 ``jdisagg.model.decoder.forward_layers`` runs the layers against any of them.
+
+The kernels (flash or splash attention for prompt rows, ``decode_attention = "pallas"`` for
+decode rows) are Pallas calls, each compiled for one device. On an instance of several
+devices ``HeadSplit`` runs them under ``shard_map``: each device attends with its own
+query heads and KV heads and its slice of the page pool (the tp split of the sharding
+rules), and a pipeline's stages each on their own devices (``runtime.decode.pipeline``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Mapping
+
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import Mesh, PartitionSpec
 
 from jdisagg.model import flash_kernel, paged_kernel, tpu_attention
+from jdisagg.model.axes import HEADS, KV_HEADS
 from jdisagg.model.config import ModelConfig
 
 NULL_PAGE = 0
 _MASKED = -1e30  # finite, so fully masked (padding) rows give garbage, never NaN
-# How prompt rows (PromptKV) attend: "auto" runs the flash kernel on a GPU or TPU instance of
-# one device and XLA's einsums elsewhere; "kernel" runs the kernel on any instance of one
-# device (interpreted off its platform: tests), "xla" the einsums everywhere. Shapes the
-# kernel does not take use the einsums. ``prompt_kernel`` is the one place that reads it.
+# How prompt rows (PromptKV) attend: "auto" runs the flash kernel on GPU and TPU instances
+# and XLA's einsums elsewhere; "kernel" runs the kernel on any instance (interpreted off its
+# platform: tests), "xla" the einsums everywhere. Shapes the kernel does not take, and
+# instances whose heads the kernel cannot split (``head_split``), use the einsums.
+# ``prompt_kernel`` is the one place that reads it.
 PROMPT_ATTENTION = "auto"
 # Whose kernels the prompt kernel and decode_attention = "pallas" run: "auto" the TPU ones
 # (jdisagg.model.tpu_attention) on a TPU and the GPU ones (flash_kernel, paged_kernel)
@@ -59,22 +71,69 @@ def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: ja
     return out_btkgh.reshape(b, t, n, h)
 
 
-def prompt_kernel(n_devices: int) -> bool:
-    """Whether prompt rows of an instance of ``n_devices`` attend with the flash kernel (a
-    Pallas call does not split over a mesh: sharded instances use the einsums)."""
-    if PROMPT_ATTENTION == "xla" or n_devices > 1:
-        return False
-    return PROMPT_ATTENTION == "kernel" or jax.default_backend() in ("gpu", "tpu")
+@dataclasses.dataclass(frozen=True)
+class HeadSplit:
+    """How an instance's devices share the attention heads, for the kernels.
+
+    ``mesh`` None: one device, and a kernel is called as it is. Otherwise a kernel runs under
+    ``shard_map`` over ``mesh``: query heads and KV heads split over mesh axis ``axis`` (None:
+    every device holds all of them), so each device attends with its own heads over its own
+    slice of the page pool; page tables, lengths, positions and segments are whole on every
+    device. Under a ``vmap`` with ``spmd_axis_name`` (a pipeline's stage axis) the mapped
+    axis is split over that mesh axis too.
+    """
+
+    mesh: Mesh | None = None
+    axis: str | None = None
+
+    def run(self, kernel: Callable, head_dims: tuple[int | None, ...], out_dim: int, *args) -> jax.Array:
+        """``kernel(*args)``, per device: ``head_dims[i]`` is the axis of ``args[i]`` that
+        holds heads (None: the argument is whole on every device); ``out_dim`` the result's."""
+        if self.mesh is None:
+            return kernel(*args)
+
+        def spec(arg, dim: int | None) -> PartitionSpec:
+            return PartitionSpec(*(self.axis if i == dim else None for i in range(jnp.ndim(arg))))
+
+        in_specs = tuple(spec(a, d) for a, d in zip(args, head_dims, strict=True))
+        out_spec = PartitionSpec(*(None,) * out_dim, self.axis)
+        # check_vma off: the Pallas calls declare no rule for how values vary over the mesh.
+        return jax.shard_map(kernel, mesh=self.mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
 
 
-def prompt_attention(q_btnh, k_btkh, v_btkh, pos_bt, segment_bt, *, kernel: bool) -> jax.Array:
+ONE_DEVICE = HeadSplit()
+
+
+def head_split(mesh: Mesh, rules: Mapping[str, str | None]) -> HeadSplit | None:
+    """How the kernels run on an instance over ``mesh`` sharded by ``rules``: None where they
+    cannot run per device, because query heads and KV heads split over different mesh axes
+    (a device's query heads would need KV heads that another device holds)."""
+    if mesh.size == 1:
+        return ONE_DEVICE
+    if rules.get(HEADS) != rules.get(KV_HEADS):
+        return None
+    return HeadSplit(mesh, rules.get(HEADS))
+
+
+def prompt_kernel(heads: HeadSplit | None = ONE_DEVICE) -> HeadSplit | None:
+    """How prompt rows of an instance whose heads split as ``heads`` attend: with the flash
+    kernel, run per device as the result says, or None: with einsums."""
+    if PROMPT_ATTENTION == "xla" or heads is None:
+        return None
+    return heads if PROMPT_ATTENTION == "kernel" or jax.default_backend() in ("gpu", "tpu") else None
+
+
+def prompt_attention(q_btnh, k_btkh, v_btkh, pos_bt, segment_bt, *, kernel: HeadSplit | None) -> jax.Array:
     """Causal attention of each token over the earlier tokens of its own segment (padding:
-    position -1): the platform's flash kernel where ``kernel`` and the shapes allow, else einsums."""
-    if kernel and tpu_kernels():
+    position -1): the platform's flash kernel, per device as ``kernel`` says, where the shapes
+    allow; einsums where they do not or ``kernel`` is None."""
+    args = (q_btnh, k_btkh, v_btkh, pos_bt, segment_bt)
+    heads_at = (2, 2, 2, None, None)  # [B, T, N, H], [B, T, K, H] x 2, [B, T] x 2
+    if kernel is not None and tpu_kernels():
         if tpu_attention.prompt_supported(q_btnh):
-            return tpu_attention.prompt_attention(q_btnh, k_btkh, v_btkh, pos_bt, segment_bt)
-    elif kernel and flash_kernel.supported(q_btnh):
-        return flash_kernel.attention(q_btnh, k_btkh, v_btkh, pos_bt, segment_bt)
+            return kernel.run(tpu_attention.prompt_attention, heads_at, 2, *args)
+    elif kernel is not None and flash_kernel.supported(q_btnh):
+        return kernel.run(flash_kernel.attention, heads_at, 2, *args)
     same = segment_bt[:, :, None] == segment_bt[:, None, :]
     return attend(q_btnh, k_btkh, v_btkh, causal_mask(pos_bt, pos_bt) & same)
 
@@ -90,7 +149,8 @@ class PromptKV:
     k: jax.Array  # [L, B, T, K, H]
     v: jax.Array  # [L, B, T, K, H]
     segment_bt: jax.Array  # [B, T] int32
-    kernel: bool = struct.field(pytree_node=False, default=False)  # attend with the flash kernel
+    # attend with the flash kernel, run per device so (``prompt_kernel``); None: einsums
+    kernel: HeadSplit | None = struct.field(pytree_node=False, default=None)
 
     @classmethod
     def empty(
@@ -100,14 +160,15 @@ class PromptKV:
         length: int,
         segment_bt: jax.Array | None = None,
         *,
-        kernel: bool | None = None,
+        kernel: HeadSplit | None = ONE_DEVICE,
     ) -> PromptKV:
-        """Zero buffers; one prompt per row unless ``segment_bt`` is given. ``kernel``: None
-        asks ``prompt_kernel`` for an instance of one device."""
+        """Zero buffers; one prompt per row unless ``segment_bt`` is given. ``kernel``: the
+        instance's ``head_split`` (default: one device), which ``prompt_kernel`` turns into
+        how its rows attend (asking again of its answer gives the same answer)."""
         shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
         if segment_bt is None:
             segment_bt = jnp.zeros((batch, length), jnp.int32)
-        kernel = prompt_kernel(1) if kernel is None else kernel
+        kernel = prompt_kernel(kernel)
         return cls(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype), segment_bt, kernel)
 
     def attend(self, layer, q_btnh, k_btkh, v_btkh, pos_bt):
@@ -123,9 +184,11 @@ class PagedKV:
     v_pages: jax.Array  # [L, P, Z, K, H]
     page_table: jax.Array  # [B, P_max] int32; NULL_PAGE where unused
     # How rows of one token (decode) attend over their pages: "dot" (``attend``: gather,
-    # then matmuls) or "pallas" (a kernel, one device only: ``paged_kernel`` reads the pages in
-    # place; on TPUs ``tpu_attention``, for head dims it takes). Rows of several tokens use "dot".
+    # then matmuls) or "pallas" (a kernel: ``paged_kernel`` reads the pages in place; on TPUs
+    # ``tpu_attention``, for head dims it takes). Rows of several tokens use "dot".
     decode_attention: str = struct.field(pytree_node=False, default="dot")
+    # How the kernel runs on the instance's devices (``head_split``; None: it cannot).
+    heads: HeadSplit | None = struct.field(pytree_node=False, default=ONE_DEVICE)
 
     def write(self, layer, k_btkh, v_btkh, pos_bt) -> PagedKV:
         """Stores the new k, v at their positions (padding, pos -1, goes to the null page)."""
@@ -141,12 +204,18 @@ class PagedKV:
     def read(self, layer, q_btnh, pos_bt) -> jax.Array:
         """Attends over each request's pages of ``layer``."""
         if self.decode_attention == "pallas" and q_btnh.shape[1] == 1:
+            if self.heads is None:
+                raise ValueError(
+                    'decode_attention = "pallas" runs per device over each device\'s heads: the sharding '
+                    "rules must put heads and kv_heads on the same mesh axis"
+                )
             kernel = tpu_attention if tpu_kernels() else paged_kernel
             if kernel is paged_kernel or tpu_attention.decode_supported(q_btnh):
                 lengths_b = pos_bt[:, 0] + 1  # padding rows (pos -1) read nothing
-                return kernel.decode_attention(
-                    q_btnh[:, 0], self.k_pages, self.v_pages, layer, self.page_table, lengths_b
-                )[:, None]
+                args = (q_btnh[:, 0], self.k_pages, self.v_pages, jnp.asarray(layer, jnp.int32), self.page_table)
+                # [B, N, H], [L, P, Z, K, H] x 2, layer, table, lengths
+                out_bnh = self.heads.run(kernel.decode_attention, (1, 3, 3, None, None, None), 1, *args, lengths_b)
+                return out_bnh[:, None]
         b, p_max = self.page_table.shape
         z = self.k_pages.shape[2]
         k_bpzkh = self.k_pages[layer, self.page_table]  # one gather: this layer's pages per request
@@ -177,6 +246,7 @@ class MixedKV:
     decode_table: jax.Array  # [B, P_max]
     chunk_table: jax.Array  # [1, P_max]
     decode_attention: str = struct.field(pytree_node=False, default="dot")  # as PagedKV's
+    heads: HeadSplit | None = struct.field(pytree_node=False, default=ONE_DEVICE)  # as PagedKV's
 
     def attend(self, layer, q_1tnh, k_1tkh, v_1tkh, pos_1t):
         b = self.decode_table.shape[0]
@@ -185,7 +255,7 @@ class MixedKV:
         rows_t = jnp.concatenate(
             [self.decode_table, jnp.broadcast_to(self.chunk_table, (q_1tnh.shape[1] - b, self.chunk_table.shape[1]))]
         )
-        packed = PagedKV(self.k_pages, self.v_pages, rows_t, self.decode_attention).write(
+        packed = PagedKV(self.k_pages, self.v_pages, rows_t, self.decode_attention, self.heads).write(
             layer, k_1tkh[0][:, None], v_1tkh[0][:, None], pos_1t[0][:, None]
         )
 

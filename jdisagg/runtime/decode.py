@@ -44,7 +44,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jdisagg.model import axes, decoder, host_loop, sharding
+from jdisagg.model import attention, axes, decoder, host_loop, sharding
 from jdisagg.model.attention import NULL_PAGE, MixedKV, PagedKV
 from jdisagg.model.config import ModelConfig
 from jdisagg.model.decoder import forward_layers
@@ -128,7 +128,9 @@ def pipeline(
         # Stage 0 takes its micro-batch's latest tokens; stage s takes what stage s - 1 produced.
         x_0 = decoder.embed(cfg, params, last_m[m[0]][:, None], pos_s[0][:, None])
         in_s = jnp.roll(state_s, 1, axis=0).at[0].set(x_0)
-        state_s, k_s, v_s = jax.vmap(stage)(layers_s, k_s, v_s, table_m[m], constrain(in_s), pos_s[..., None])
+        # The stage axis on its mesh axis, for kernels that run per device (attention.HeadSplit).
+        staged = jax.vmap(stage, spmd_axis_name=stage_sharding.spec[0] if stages > 1 else None)
+        state_s, k_s, v_s = staged(layers_s, k_s, v_s, table_m[m], constrain(in_s), pos_s[..., None])
         state_s = constrain(state_s)
         # The unit leaving the last stage: sample its next tokens, to feed them back.
         k_out, m_out, done = k[-1], m[-1], real[-1]
@@ -183,6 +185,7 @@ def decode_step(
     stage_sharding,
     unroll: bool,
     decode_attention: str = "dot",
+    heads: attention.HeadSplit | None = attention.ONE_DEVICE,
 ):
     """``steps`` decode steps: feeds each request's last token (at ``pos_b``; -1 for an empty
     row), samples the next and feeds that back, on the device. Row b takes ``count_b[b]`` of
@@ -190,7 +193,7 @@ def decode_step(
 
     Returns what was sampled (``Sampled``, [steps, B]) and the updated page pools.
     """
-    kv = PagedKV(k_pages, v_pages, page_table_bp, decode_attention)
+    kv = PagedKV(k_pages, v_pages, page_table_bp, decode_attention, heads)
     if stages == 1 and micro == 1 and steps == 1:
         x_btd = decode_embed(cfg, params, tokens_b, pos_b)
         x_btd, kv = forward_layers(cfg, params["layers"], x_btd, pos_b[:, None], kv, unroll=unroll)
@@ -263,6 +266,7 @@ def mixed_step(
     *,
     unroll: bool,
     decode_attention: str = "dot",
+    heads: attention.HeadSplit | None = attention.ONE_DEVICE,
 ):
     """Chunked prefill: a decode step for B requests plus a C-token chunk of one prompt.
 
@@ -273,7 +277,7 @@ def mixed_step(
     tokens_1t = jnp.concatenate([tokens_b, chunk_c])[None]
     pos_1t = jnp.concatenate([pos_b, chunk_pos_c])[None]
     x_1td = decoder.embed(cfg, params, tokens_1t, pos_1t)
-    kv = MixedKV(k_pages, v_pages, page_table_bp, chunk_table_1p, decode_attention)
+    kv = MixedKV(k_pages, v_pages, page_table_bp, chunk_table_1p, decode_attention, heads)
     x_1td, kv = forward_layers(cfg, params["layers"], x_1td, pos_1t, kv, unroll=unroll)
     last_bd = jnp.concatenate([x_1td[0, :b], x_1td[0, b + chunk_last][None]])
     next_pos = jnp.concatenate([pos_b + 1, chunk_pos_c[chunk_last][None] + 1])
@@ -336,6 +340,7 @@ class DecodeRunner:
         zeros = jax.jit(lambda: jnp.zeros(shape, cfg.dtype), out_shardings=self.pages_sharding)
         self.k_pages, self.v_pages = zeros(), zeros()
         replicated = NamedSharding(mesh, PartitionSpec())
+        heads = attention.head_split(mesh, rules)  # how a kernel runs on these devices
         # One device on CPU: the layer loop runs from the host (jdisagg.model.host_loop).
         self.host_loop = host_loop.on_host(mesh) and stages == 1 and micro_batches == 1 and steps == 1
         if self.host_loop:
@@ -352,6 +357,7 @@ class DecodeRunner:
                     stage_sharding=stage_sharding,
                     unroll=unroll,
                     decode_attention=decode_attention,
+                    heads=heads,
                 ),
                 donate_argnums=(1, 2),
                 out_shardings=(replicated, self.pages_sharding, self.pages_sharding),
@@ -359,7 +365,7 @@ class DecodeRunner:
             )
         self._insert = jax.jit(insert_prefix, donate_argnums=(0, 1), out_shardings=(self.pages_sharding,) * 2)
         self._mixed = jax.jit(
-            functools.partial(mixed_step, cfg, unroll=unroll, decode_attention=decode_attention),
+            functools.partial(mixed_step, cfg, unroll=unroll, decode_attention=decode_attention, heads=heads),
             donate_argnums=(1, 2),
             out_shardings=(replicated, self.pages_sharding, self.pages_sharding),
             compiler_options=XLA_OPTIONS,

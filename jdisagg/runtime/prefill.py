@@ -40,19 +40,19 @@ def prefill_step(
     s: SamplingArrays,
     *,
     unroll: bool,
-    kernel: bool = False,
+    kernel: attention.HeadSplit | None = None,
 ):
     """Prefills prompts packed into one row: token i is at position ``pos_1n[0, i]`` of prompt
     ``segment_1n[0, i]`` (padding: position -1). ``last_s`` indexes each prompt's last token
     (S rows, padding rows index 0). Returns the first sampled token of each prompt
     (``Sampled``, [S]) and the row's KV [L, 1, N, K, H] x 2. ``kernel``: attention by the
-    flash kernel (``attention.prompt_kernel``)."""
+    flash kernel, run per device so (``attention.prompt_kernel``); None: einsums."""
     x_1nd, empty = prefill_embed(cfg, params, tokens_1n, pos_1n, segment_1n, kernel=kernel)
     x_1nd, kv = forward_layers(cfg, params["layers"], x_1nd, pos_1n, empty, unroll=unroll)
     return prefill_head(cfg, params, x_1nd, pos_1n, last_s, s), kv.k, kv.v
 
 
-def prefill_embed(cfg: ModelConfig, params, tokens_1n, pos_1n, segment_1n, *, kernel: bool):
+def prefill_embed(cfg: ModelConfig, params, tokens_1n, pos_1n, segment_1n, *, kernel: attention.HeadSplit | None):
     """The row embedded, and the empty cache its layers fill."""
     x_1nd = decoder.embed(cfg, params, tokens_1n, pos_1n)
     return x_1nd, PromptKV.empty(cfg, 1, tokens_1n.shape[1], segment_1n, kernel=kernel)
@@ -72,7 +72,9 @@ class HostPrefillStep:
     """``prefill_step`` (same arguments and results) with the layer loop run from the host
     (``jdisagg.model.host_loop``): an embed program, one program per layer, a head program."""
 
-    def __init__(self, cfg: ModelConfig, layers: tuple[dict, ...], mesh: Mesh, kv_sharding, *, kernel: bool):
+    def __init__(
+        self, cfg: ModelConfig, layers: tuple[dict, ...], mesh: Mesh, kv_sharding, *, kernel: attention.HeadSplit | None
+    ):
         self.layers = layers
         self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         # The row's KV where prefill_step puts it, so the prefix cuts compile once for both.
@@ -156,7 +158,7 @@ class PrefillRunner:
         kv_sharding = sharding.named_sharding(mesh, axes.PROMPT_KV_AXES, rules)
         prefix_sharding = sharding.named_sharding(mesh, axes.PREFIX_AXES, rules)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        kernel = attention.prompt_kernel(mesh.size)
+        kernel = attention.prompt_kernel(attention.head_split(mesh, rules))
         # One device on CPU: the layer loop runs from the host (jdisagg.model.host_loop).
         self.host_loop = host_loop.on_host(mesh)
         if self.host_loop:
