@@ -143,7 +143,6 @@ def test_command_line(tmp_path):
         (["--decode_attention", "fast"], "should be one of"),
         (["--repeats", "x"], "--repeats"),
         (["--mesh", "no-such-mesh"], "no-such-mesh"),
-        (["--mesh", "cpu-tp2-pp2", "--decode_attention", "pallas"], "runs on instances of one device"),
     ],
 )
 def test_bad_flags_exit_2(args, message):
