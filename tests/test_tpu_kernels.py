@@ -1,6 +1,7 @@
 """The TPU kernels (jdisagg.model.tpu_attention) on CPU, in Pallas' TPU interpreter: each kernel
 against a float64 softmax, the prompt kernel through the whole model against the float64
-reference, and an engine whose both phases attend with them against the gather path's tokens.
+reference, and engines whose both phases attend with them (on one device each, and tp=2 ->
+pp=2 x tp=2) against the gather path's tokens.
 
 Shapes are the smallest the kernels' tiles take: head dim 128 (one lane width), rows of 128."""
 
@@ -171,11 +172,17 @@ def test_packed_prompts_through_the_tpu_kernel_match_reference(tpu_kernels):
         start += len(p)
 
 
-_ONE_TO_ONE = """page_size = 16
+# The engine tests' model: two KV heads, so tp=2 gives each device one.
+TINY_TPU_KV2 = TINY_TPU.replace(n_heads=4, n_kv_heads=2)
+_PROMPTS = [np.random.default_rng(12).integers(3, 256, n).tolist() for n in (5, 33)]  # one prefill call
+_GREEDY = SamplingParams(max_tokens=5, ignore_eos=True)
+_HEAD = """page_size = 16
 max_seq_len = 128
 length_buckets = [128]
 decode_attention = "pallas"
-[[prefill]]
+"""
+_LAYOUTS = {
+    "1-to-1": """[[prefill]]
 devices = [0]
 max_batch = 4
 token_budget = 128
@@ -184,21 +191,45 @@ devices = [1]
 max_batch = 4
 batch_buckets = [4]
 pages = 32
-"""
+""",
+    "tp2-to-pp2tp2": """[[prefill]]
+devices = [0, 1]
+tp = 2
+max_batch = 4
+token_budget = 128
+[[decode]]
+devices = [2, 3, 4, 5]
+pp = 2
+tp = 2
+max_batch = 4
+batch_buckets = [4]
+pages = 32
+""",
+}
 
 
-def test_engine_on_tpu_kernels_gives_the_gather_paths_tokens(tmp_path, monkeypatch, tpu_kernels):
-    """Prefill (splash) on device 0 -> decode (paged kernel) on device 1, bfloat16 (a TPU's
-    dtype, so the kernel's rounding of K and V is exact): the greedy tokens of one device
-    running the einsum and gather paths."""
-    monkeypatch.setitem(config.SHAPES, "tiny-tpu", TINY_TPU)
-    prompts = [np.random.default_rng(12).integers(3, 256, n).tolist() for n in (5, 33)]  # one prefill call
-    params = SamplingParams(max_tokens=5, ignore_eos=True)
-    (tmp_path / "tpu.toml").write_text(_ONE_TO_ONE)
+@functools.cache
+def _gather_tokens() -> list[list[int]]:
+    """The greedy tokens of one device running the einsum and gather paths, bfloat16."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(config.SHAPES, "tiny-tpu", TINY_TPU_KV2)
+        patch.setattr(attention, "PROMPT_ATTENTION", "xla")
+        patch.setattr(attention, "KERNEL_PLATFORM", "auto")
+        engine = Engine("tiny-tpu", "cpu-single", dtype="bfloat16", warm_up=False, progress=False)
+        return [c.tokens for c in engine.generate(_PROMPTS, _GREEDY)]
+
+
+@pytest.mark.parametrize("layout", list(_LAYOUTS))
+def test_engine_on_tpu_kernels_gives_the_gather_paths_tokens(tmp_path, monkeypatch, tpu_kernels, layout):
+    """Prefill (splash) -> decode (paged kernel), on one device each or sharded (each device
+    over its own heads, each pipeline stage over its own layers: attention.HeadSplit),
+    bfloat16 (a TPU's dtype, so the kernel's rounding of K and V is exact): the greedy tokens
+    of one device running the einsum and gather paths (which tests/test_engine.py finds equal
+    on the sharded meshes)."""
+    monkeypatch.setitem(config.SHAPES, "tiny-tpu", TINY_TPU_KV2)
+    (tmp_path / "tpu.toml").write_text(_HEAD + _LAYOUTS[layout])
     engine = Engine("tiny-tpu", str(tmp_path / "tpu.toml"), dtype="bfloat16", warm_up=False, progress=False)
-    got = [c.tokens for c in engine.generate(prompts, params)]
+    assert engine.decode[0].runner.mesh.size == (4 if layout != "1-to-1" else 1)
+    got = [c.tokens for c in engine.generate(_PROMPTS, _GREEDY)]
     assert tpu_kernels["prompt"] > 0 and tpu_kernels["decode"] > 0
-    monkeypatch.setattr(attention, "PROMPT_ATTENTION", "xla")
-    monkeypatch.setattr(attention, "KERNEL_PLATFORM", "auto")
-    gather = Engine("tiny-tpu", "cpu-single", dtype="bfloat16", warm_up=False, progress=False)
-    assert got == [c.tokens for c in gather.generate(prompts, params)]
+    assert got == _gather_tokens()
