@@ -11,8 +11,10 @@ The pool keeps its layout ``[L, P, Z, K, H]``: the kernel sees it as ``[L * P, Z
 free reshape) and reads page ``layer * P + page``, so the layer loop slices nothing. One
 program reads one KV head's rows of a page (``Z`` runs of ``H`` contiguous values).
 
-Used for rows of one token on an instance of one device (``preset.decode_attention =
-"pallas"``); a sharded instance would need the kernel under ``shard_map``.
+Used for rows of one token (``preset.decode_attention = "pallas"``). On an instance of
+several devices ``attention.HeadSplit`` runs it under ``shard_map``: each device over its own
+KV heads (and their query heads) and its pipeline stage's layers. That sharded use has run
+only in the Pallas interpreter on CPU, not compiled on a GPU (``launch/gpu_check.py`` checks it).
 """
 
 from __future__ import annotations
