@@ -51,11 +51,21 @@ def prefill_reserve(cfg, spec: InstanceSpec, runner) -> int:
     return prefill_reserve_bytes(cfg, spec, runner.token_buckets, runner.call_tokens(), scratch)
 
 
+def _memory_stats(devices) -> list[dict] | None:
+    """Each of this process's ``devices``' memory statistics (another process's devices
+    report none here; an instance spanning hosts sizes itself from its own); None where
+    some device reports none (CPU) or none is this process's."""
+    stats = [d.memory_stats() for d in devices if d.process_index == jax.process_index()]
+    if not stats or not all(stats) or not all("bytes_limit" in s for s in stats):
+        return None
+    return stats
+
+
 def free_device_bytes(mesh) -> int | None:
     """The least memory left on any device of ``mesh`` (JAX's limit less what is in use);
     None where devices report no statistics (CPU)."""
-    stats = [d.memory_stats() for d in mesh.devices.flat]
-    if not all(stats) or not all("bytes_limit" in s for s in stats):
+    stats = _memory_stats(mesh.devices.flat)
+    if stats is None:
         return None
     return min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
 
@@ -127,8 +137,8 @@ def check_fits(cfg, preset: MeshPreset, memory_per_device: int, scratch: int = 0
 
 def memory_per_device(devices) -> int | None:
     """The least memory JAX may use on any of ``devices``; None where they report none (CPU)."""
-    stats = [d.memory_stats() for d in devices]
-    if not all(stats) or not all("bytes_limit" in s for s in stats):
+    stats = _memory_stats(devices)
+    if stats is None:
         return None
     return min(s["bytes_limit"] for s in stats)
 
