@@ -48,7 +48,7 @@ def test_every_benchmark_gives_finite_ratios(tmp_path, monkeypatch):
         ("decode pp=2 tp=1 micro=2 steps=1", "B=4 S=32", 4, 2),
         ("decode pp=2 tp=2 micro=2 steps=3", "B=8 S=32", 24, 4),  # a call of 3 steps: 3 tokens per row
     ]
-    assert [r["note"].split("; ")[1] for r in report["rows"] if r["bench"] == "pp"][0] == "1.00x pp=1"
+    assert [r["note"].split("; ")[1:] for r in report["rows"] if r["bench"] == "pp"][0] == ["1.00x pp=1", "dot"]
     # The decode rows run the preset's instance: pp=2 x tp=2, PIPELINE_STEPS tokens per call.
     assert {(r["name"], r["tokens"]) for r in report["rows"] if r["bench"] == "decode"} == {
         ("decode pp=2 tp=2 micro=2 steps=8", 4 * 8)

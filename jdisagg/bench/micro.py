@@ -43,8 +43,7 @@ Benchmarks (``--which``, a comma list; the ceilings always run: every ratio need
   back on the devices: steady state) at B and at 2B (the rows of two devices); pp=2 x tp=2
   likewise at 2B and 4B on four devices or more. The limit is the bandwidth floor
   ``rows * copy bandwidth * devices / bytes per step``; the note gives tokens/s per device
-  and the ratio to pp=1. Multi-device instances attend with "dot" (the kernel runs on
-  instances of one device).
+  and the ratio to pp=1. Every case attends as the preset says (``--decode_attention``).
 
 Timing (``measure``): two warm-up calls, then two medians over ``--repeats`` samples.
 ``ms``: calls issued back to back for about 0.1 s and waited for once, per call: the
@@ -335,14 +334,12 @@ class Bench:
             self._prefill = prefill_runner(self.cfg, params, mesh, spec, self.preset, self.length_buckets)
         return self._prefill
 
-    def decode_runner(self, spec: InstanceSpec, n_pages: int = 0, decode_attention: str = "") -> DecodeRunner:
+    def decode_runner(self, spec: InstanceSpec, n_pages: int = 0) -> DecodeRunner:
         """A decode instance of ``spec`` (as the engine builds it) with a pool of ``n_pages``
-        (0: the preset's, or sized from free memory) filled with non-zero KV; ``decode_attention``
-        overrides the preset's."""
+        (0: the preset's, or sized from free memory) filled with non-zero KV."""
         mesh, params = self.place([self.devices[i] for i in spec.devices], spec.pp, spec.tp, spec.rules)
         n_pages = n_pages or spec.pages or auto_pages(self.cfg, mesh, spec, self.preset)
-        preset = dataclasses.replace(self.preset, decode_attention=decode_attention or self.preset.decode_attention)
-        runner = decode_runner(self.cfg, params, mesh, spec, preset, n_pages)
+        runner = decode_runner(self.cfg, params, mesh, spec, self.preset, n_pages)
         fill_pages(runner)
         return runner
 
@@ -602,12 +599,10 @@ def bench_pp(b: Bench) -> list[Row]:
             batch_buckets=(batch,),
             steps_per_call=steps,
         )
-        # The Pallas kernel runs on instances of one device; pipelines gather pages ("dot").
-        attention = b.preset.decode_attention if pp * tp == 1 else "dot"
         _progress(f"pp={pp} tp={tp} steps={steps} on devices {list(case.devices)}: B={batch} S={at}")
         runner = None  # the last case's pool and weights leave the devices first
         try:
-            runner = b.decode_runner(case, n_pages, decode_attention=attention)
+            runner = b.decode_runner(case, n_pages)
             t, _ = time_decode(runner, batch, at, b.options.repeats)
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
@@ -631,7 +626,7 @@ def bench_pp(b: Bench) -> list[Row]:
                 devices=pp * tp,
                 bytes=per_step * steps,
                 tokens=batch * steps,
-                note=f"{tok_s / (pp * tp):.1f} tok/s per device{versus}; {attention}",
+                note=f"{tok_s / (pp * tp):.1f} tok/s per device{versus}; {b.preset.decode_attention}",
             )
         )
     return rows
