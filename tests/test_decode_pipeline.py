@@ -1,8 +1,8 @@
 """A decode pipeline in steady state (several steps per call, each micro-batch's sampled tokens
 fed back on the devices) gives the tokens of one device stepping once per call, token for
 token, greedy and seeded rows in one batch: micro-batches below, at and above the number of
-stages, with tp, and rows that take fewer steps than the call (a row's last call, cut at its
-budget).
+stages, with tp, with the Pallas decode kernel (interpreted) as well as the gather, and rows
+that take fewer steps than the call (a row's last call, cut at its budget).
 
 Runner level, decoding from position 0 (no prefill), so the only difference between the
 runs is the decode program. Serving through the scheduler on a pipelined preset is
@@ -25,13 +25,14 @@ PARAMS = [
     SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=s) if s % 2 else SamplingParams()
     for s in range(len(BUDGETS))
 ]
-# (devices, pp, tp, micro_batches, steps per call). pp=2 with 2 micro-batches and 8 steps is
-# cpu-tp2-pp2's layout, which tests/test_engine.py serves.
+# (devices, pp, tp, micro_batches, steps per call, decode attention). pp=2 with 2 micro-batches
+# and 8 steps is cpu-tp2-pp2's layout, which tests/test_engine.py serves.
 LAYOUTS = {
-    "pp=1, 4 steps": ((1,), 1, 1, 1, 4),
-    "pp=2, 1 step": ((1, 2), 2, 1, 2, 1),
-    "pp=2, micro 1, 3 steps": ((1, 2), 2, 1, 1, 3),
-    "pp=2 x tp=2, micro 4, 5 steps": ((1, 2, 3, 4), 2, 2, 4, 5),
+    "pp=1, 4 steps": ((1,), 1, 1, 1, 4, "dot"),
+    "pp=2, 1 step": ((1, 2), 2, 1, 2, 1, "dot"),
+    "pp=2, micro 1, 3 steps": ((1, 2), 2, 1, 1, 3, "dot"),
+    "pp=2 x tp=2, micro 4, 5 steps": ((1, 2, 3, 4), 2, 2, 4, 5, "dot"),
+    "pp=2 x tp=2, micro 4, 5 steps, Pallas kernel": ((1, 2, 3, 4), 2, 2, 4, 5, "pallas"),  # interpreted
 }
 
 
@@ -40,7 +41,7 @@ def host_params():
     return init_params(CFG, jax.random.key(0))
 
 
-def _runner(host_params, devices, pp, tp, micro, steps) -> DecodeRunner:
+def _runner(host_params, devices, pp, tp, micro, steps, attention="dot") -> DecodeRunner:
     mesh = sharding.make_mesh([jax.devices()[d] for d in devices], pp, tp)
     params = jax.device_put(host_params, sharding.param_shardings(host_params, mesh, axes.DEFAULT_RULES))
     return DecodeRunner(
@@ -55,6 +56,7 @@ def _runner(host_params, devices, pp, tp, micro, steps) -> DecodeRunner:
         micro_batches=micro,
         batch_buckets=(8,),
         steps=steps,
+        decode_attention=attention,
     )
 
 
