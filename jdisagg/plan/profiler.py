@@ -3,8 +3,9 @@ for every (tp, pp) layout the host can form, and fit the latency models (``plan.
 
 Each call is timed the way its worker makes it (``runtime.workers``): ``PrefillRunner.run``
 (the packed call, the prefix cuts, the first tokens back on the host), ``DecodeRunner.step``
-and ``mixed`` (inputs built on the host, one step, the tokens back), and a prefix's pull and
-insert into the pool. The grid:
+and ``mixed`` (inputs built on the host, one step, the tokens back; a pp > 1 layout's call
+runs PIPELINE_STEPS steps, as its presets' do, and is recorded per step), and a prefix's pull
+and insert into the pool. The grid:
 
 * prefill (pp = 1 layouts): single prompts at and between the length buckets, packs of k
   equal prompts, and FCFS batches of chat-like lengths, up to a token budget of twice the
