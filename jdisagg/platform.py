@@ -19,10 +19,15 @@ def simulate_cpu_devices(n: int = CPU_DEVICES) -> None:
 
 
 def enable_compilation_cache(directory: str | None = None) -> None:
-    """Persist compiled programs across restarts (``$JDISAGG_CACHE``/xla or ~/.cache/jdisagg/xla)."""
+    """Persist compiled programs across restarts (``$JDISAGG_CACHE``/xla or ~/.cache/jdisagg/xla).
+
+    Where ``$JAX_COMPILATION_CACHE_DIR`` is set, JAX's own settings (that directory, and its
+    ``JAX_PERSISTENT_CACHE_*`` variables) are left as they are."""
     import jax
 
     from jdisagg.weights.default import default_cache_dir
 
+    if directory is None and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
     jax.config.update("jax_compilation_cache_dir", directory or str(default_cache_dir() / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
