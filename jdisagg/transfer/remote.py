@@ -24,7 +24,8 @@ What JAX 0.10.2 does, and how this module lives with it (checked on CPU, 2026-12
 * Timeouts (``await_pull``'s and ``pull``'s) are enforced only when the server next handles
   an ``await_pull``: ``TransferServer`` ticks one every ``tick_s`` with a one-element array,
   so an entry nobody pulled is dropped (its arrays freed) and a pull of an id nobody
-  registered fails with "Pull expired" within about a tick of its deadline.
+  registered fails with "Pull expired" within about a tick of its deadline. Deadlines are read
+  to the whole second, truncated; ``_deadline`` rounds them up.
 * A pull whose buffer count differs from what was registered waits forever, hence one
   single-device piece per destination shard on both sides.
 * A pull from a process that hangs never fails: ``fetch`` waits on the arrays with its own
@@ -131,7 +132,12 @@ class TransferServer:
 
 
 def _deadline(seconds: float) -> datetime.datetime:
-    return datetime.datetime.now() + datetime.timedelta(seconds=seconds)
+    """``seconds`` from now, rounded up to a whole second: the transfer server reads a
+    deadline to the whole second, truncated (its expiries land on whole seconds), so an
+    unrounded one cut a 2 s pull timeout to 1.0-2.0 s. The caller's own deadline
+    (``Pulling.ready``) stays exact."""
+    at = datetime.datetime.now() + datetime.timedelta(seconds=seconds)
+    return at.replace(microsecond=0) + datetime.timedelta(seconds=1) if at.microsecond else at
 
 
 def parts_of(dst: NamedSharding, shape: tuple[int, ...]) -> tuple[list[list[Target]], int]:
