@@ -178,3 +178,24 @@ def test_steps_per_call_defaults_and_errors():
     )
     with pytest.raises(ValueError, match=r"decode\[0\].steps_per_call must be a positive integer \(got 0\)"):
         _parse(PIPELINED.replace("pp = 2\n", "pp = 2\nsteps_per_call = 0\n"))
+
+
+@pytest.mark.parametrize("steps", [1, 3, 8])
+def test_admission_counts_every_running_rows_next_call(steps):
+    """The pages admission leaves for the running rows' next calls are, row by row, the pages
+    a call of ``call_tokens`` more positions needs beyond those the row holds; across rows
+    in all states (mid-page, at a page boundary, near max_tokens and max_seq_len)."""
+    from jdisagg.sched.pages import pages_for
+
+    rng = __import__("random").Random(steps)
+    s, requests = _running(steps, 400, [rng.randint(1, 40) for _ in range(8)], max_tokens=30, max_seq_len=64)
+    slots = s.decode[0]
+    for _ in range(12):
+        for r in slots.running:  # rows advance by different amounts
+            r.output.extend([7] * rng.randint(0, 3))
+        want = sum(
+            max(0, pages_for(r.position + slots.call_tokens(r), slots.page_size) - len(r.pages)) for r in slots.running
+        )
+        assert slots._next_step_pages() == want
+        slots.reserve_next()
+        assert slots._next_step_pages() == 0

@@ -59,8 +59,19 @@ class DecodeSlots:
         return pages_for(request.position + self.call_tokens(request), self.page_size)
 
     def _next_step_pages(self) -> int:
-        """Pages the running requests still need for their next calls."""
-        return sum(max(0, self._call_pages(r) - len(r.pages)) for r in self.running)
+        """Pages the running requests still need for their next calls (``_call_pages`` less
+        what each holds, inlined: admission asks this for every prefix it considers, and the
+        planner's simulations spend most of their time here)."""
+        z, steps, last = self.page_size, self.steps, self.max_seq_len - 1
+        needed = 0
+        for r in self.running:
+            done = len(r.output)
+            position = len(r.prompt) + done - 1
+            tokens = max(1, min(steps, r.params.max_tokens - done, last - position))
+            more = -(-(position + tokens) // z) - len(r.pages)
+            if more > 0:
+                needed += more
+        return needed
 
     def can_admit(self, request: Request) -> bool:
         """Whether a batch slot and pages for the request's prefix plus its first call's

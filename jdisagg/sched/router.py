@@ -24,17 +24,14 @@ from jdisagg.sched.pages import pages_for
 from jdisagg.sched.request import Request
 
 
-def candidates(request: Request, decode: Sequence[DecodeSlots]) -> list[int]:
-    """The decode instances that could take ``request`` now."""
-    return [i for i, d in enumerate(decode) if d.takes(request.prefill_instance) and d.can_admit(request)]
-
-
 def routes_to(index: int, request: Request, decode: Sequence[DecodeSlots]) -> bool:
     """Whether decode instance ``index`` should pull ``request``: it can take it and no
-    instance that could runs fewer requests."""
-    loads = [len(decode[i]) for i in candidates(request, decode)]
+    instance that could runs fewer requests (only those that run fewer are asked)."""
     d = decode[index]
-    return d.takes(request.prefill_instance) and d.can_admit(request) and len(d) <= min(loads)
+    if not (d.takes(request.prefill_instance) and d.can_admit(request)):
+        return False
+    fewer = (o for o in decode if len(o) < len(d))
+    return not any(o.takes(request.prefill_instance) and o.can_admit(request) for o in fewer)
 
 
 # ---- across processes: load reports instead of the instances' own objects ----------------
