@@ -94,6 +94,10 @@ class HostPrefillStep:
         return self.head(params, x_1nd, pos_1n, last_s, s), kv.k, kv.v
 
     def programs(self, label: str, params, tokens_1n, pos_1n, segment_1n, last_s, s) -> list[Program]:
+        # Placed as ``__call__`` places them, so the calls find these programs.
+        tokens_1n, pos_1n = (
+            jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.replicated) for a in (tokens_1n, pos_1n)
+        )
         x_1nd, kv = self.embed.eval_shape(params, tokens_1n, pos_1n, segment_1n)
         return [
             Program(f"{label} embed", self.embed, (params, tokens_1n, pos_1n, segment_1n)),
@@ -173,6 +177,7 @@ class PrefillRunner:
         self.kv_sharding = kv_sharding
         # One small program per (row bucket, prefix bucket), compiled in warm-up.
         self._cut = jax.jit(cut_prefix, static_argnames="length", out_shardings=(prefix_sharding, prefix_sharding))
+        self.prefix_sharding = prefix_sharding
 
     def call_tokens(self) -> int:
         """A bound on the prefix tokens one call yields (each prompt's KV is cut to its length
@@ -233,6 +238,14 @@ class PrefillRunner:
             last_s[i] = end - 1
             start = end
         return tokens_1n, pos_1n, segment_1n, last_s, SamplingArrays.of(params, self.max_prompts)
+
+    def blank_prefix(self, tokens: int) -> Prefix:
+        """A prefix of zeros ``tokens`` positions long (a length bucket), placed where a cut
+        puts a real one: moving it compiles what moving a real one does, with no prefill run."""
+        cfg = self.cfg
+        shape = (cfg.n_layers, tokens, cfg.n_kv_heads, cfg.head_dim)
+        k, v = (jax.device_put(np.zeros(shape, jnp.dtype(cfg.dtype)), self.prefix_sharding) for _ in range(2))
+        return Prefix(0, None, tokens, tokens, k, v, k.nbytes + v.nbytes)
 
     def run(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Prefix]:
         """Prefills ``prompts`` in one call (they must fit it: ``max_prompts``, and the token
