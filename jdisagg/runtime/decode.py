@@ -239,7 +239,11 @@ class HostDecodeStep:
         return self.head(params, x_btd, s, pos_b), k_pages, v_pages
 
     def programs(self, label: str, params, k_pages, v_pages, tokens_b, pos_b, page_table_bp, count_b, s, *, head: bool):
-        """The layer program (and with ``head`` the embed and head programs) at these shapes."""
+        """The layer program (and with ``head`` the embed and head programs) at these shapes,
+        the inputs placed as ``__call__`` places them (so its calls find these programs)."""
+        tokens_b, pos_b, page_table_bp = (
+            jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.replicated) for a in (tokens_b, pos_b, page_table_bp)
+        )
         x_btd = jax.eval_shape(self.embed, params, tokens_b, pos_b)
         x_btd = jax.ShapeDtypeStruct(x_btd.shape, x_btd.dtype, sharding=self.replicated)
         layer_args = (self.layers[0], (k_pages, v_pages), x_btd, pos_b, page_table_bp, np.int32(0))
@@ -463,13 +467,15 @@ class DecodeRunner:
         return out
 
     def warm_up(self, prefix_lengths: tuple[int, ...], progress=None) -> float:
-        """Runs the step for every batch bucket (compiling what ``compile_all`` has not) and
-        the insert for every prefix length."""
+        """Runs the step for every batch bucket (compiling what ``compile_all`` has not; a
+        host-loop step's programs are all compiled there, so it is not run) and the insert
+        for every prefix length."""
         start = time.perf_counter()
         for b in self.batch_buckets:
             for w in self.width_buckets:
                 tables = [[NULL_PAGE] * w] * b
-                self.step([0] * b, [-1] * b, tables, [SamplingParams()] * b)
+                if not self.host_loop:
+                    self.step([0] * b, [-1] * b, tables, [SamplingParams()] * b)
                 if self.chunk_tokens:
                     self.mixed([0] * b, [-1] * b, tables, [SamplingParams()] * b, [0], 0, [], SamplingParams())
             if progress:
@@ -479,5 +485,5 @@ class DecodeRunner:
             zeros = jax.device_put(np.zeros(shape, jnp.dtype(self.cfg.dtype)), self.prefix_sharding)
             self.insert(zeros, zeros, [])
         seconds = time.perf_counter() - start
-        logging.info("decode: ran %d batch shapes in %.1fs", len(self.batch_buckets), seconds)
+        logging.info("decode: warmed up %d batch shapes in %.1fs", len(self.batch_buckets), seconds)
         return seconds
