@@ -35,6 +35,12 @@ def run_layers(layer_program, layers: tuple[dict, ...], kv, x, *args):
     return x, kv
 
 
+def placed(sharding, *arrays) -> tuple:
+    """``arrays``' shapes as placed on ``sharding``: what a step's ``programs`` compile for
+    the inputs its ``__call__`` puts on the devices, so the calls find those programs."""
+    return tuple(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in arrays)
+
+
 def shared_unstack(params: dict, unstack) -> tuple[dict, ...]:
     """``unstack(params["layers"])``, computed once per parameter tree: a colocated instance's
     prefill and decode runners share one set of per-layer arrays."""

@@ -241,9 +241,7 @@ class HostDecodeStep:
     def programs(self, label: str, params, k_pages, v_pages, tokens_b, pos_b, page_table_bp, count_b, s, *, head: bool):
         """The layer program (and with ``head`` the embed and head programs) at these shapes,
         the inputs placed as ``__call__`` places them (so its calls find these programs)."""
-        tokens_b, pos_b, page_table_bp = (
-            jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.replicated) for a in (tokens_b, pos_b, page_table_bp)
-        )
+        tokens_b, pos_b, page_table_bp = host_loop.placed(self.replicated, tokens_b, pos_b, page_table_bp)
         x_btd = jax.eval_shape(self.embed, params, tokens_b, pos_b)
         x_btd = jax.ShapeDtypeStruct(x_btd.shape, x_btd.dtype, sharding=self.replicated)
         layer_args = (self.layers[0], (k_pages, v_pages), x_btd, pos_b, page_table_bp, np.int32(0))

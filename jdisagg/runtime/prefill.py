@@ -95,9 +95,7 @@ class HostPrefillStep:
 
     def programs(self, label: str, params, tokens_1n, pos_1n, segment_1n, last_s, s) -> list[Program]:
         # Placed as ``__call__`` places them, so the calls find these programs.
-        tokens_1n, pos_1n = (
-            jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.replicated) for a in (tokens_1n, pos_1n)
-        )
+        tokens_1n, pos_1n = host_loop.placed(self.replicated, tokens_1n, pos_1n)
         x_1nd, kv = self.embed.eval_shape(params, tokens_1n, pos_1n, segment_1n)
         return [
             Program(f"{label} embed", self.embed, (params, tokens_1n, pos_1n, segment_1n)),
