@@ -433,25 +433,34 @@ def _decode_note(preset, width: int, n_pages: int) -> str:
     return f"gathers {width} pages of {preset.page_size} per request; pool {n_pages} pages"
 
 
-def time_decode(runner: DecodeRunner, batch: int, context: int, repeats: int) -> tuple[Timing, tuple[int, int]]:
-    """One decode call (``runner.steps`` steps) for ``batch`` requests at position ``context``,
-    each with its own pages for positions up to its call's last (distinct, shuffled); inputs
-    padded as the runner pads them. Returns the timing and the page table's shape [batch
-    bucket, width bucket]."""
+def decode_inputs(runner: DecodeRunner, batch: int, context: int) -> tuple:
+    """The step's inputs (tokens, positions, page table, counts, sampling) for ``batch``
+    requests at position ``context``, each with its own pages for positions up to its call's
+    last (distinct, shuffled), padded as the runner pads them and placed on its mesh."""
     per_seq = pages_for(context + runner.steps, runner.page_size)
     pages = np.random.default_rng(batch * 100003 + context).permutation(np.arange(1, runner.n_pages))
     tables = pages[: batch * per_seq].reshape(batch, per_seq).tolist()
     tokens = np.random.default_rng(context).integers(0, runner.cfg.vocab_size, batch).tolist()
-    tokens_b, pos_b, table_bp, count_b, sampling = runner._step_inputs(
-        tokens, [context] * batch, tables, [SamplingParams()] * batch
-    )
-    args = replicated(runner.mesh, tokens_b, pos_b, table_bp, count_b, sampling)
+    inputs = runner._step_inputs(tokens, [context] * batch, tables, [SamplingParams()] * batch)
+    return replicated(runner.mesh, *inputs)
+
+
+def decode_call(runner: DecodeRunner, args: tuple) -> Callable[[], tuple]:
+    """One decode call on ``args`` (``decode_inputs``); each call's pools replace the runner's."""
 
     def call():
         sampled, runner.k_pages, runner.v_pages = runner._step(runner.params, runner.k_pages, runner.v_pages, *args)
         return sampled, runner.k_pages, runner.v_pages
 
-    return measure(call, repeats), table_bp.shape
+    return call
+
+
+def time_decode(runner: DecodeRunner, batch: int, context: int, repeats: int) -> tuple[Timing, tuple[int, int]]:
+    """One decode call (``runner.steps`` steps) for ``batch`` requests at position ``context``
+    (``decode_inputs``). Returns the timing and the page table's shape [batch bucket, width
+    bucket]."""
+    args = decode_inputs(runner, batch, context)
+    return measure(decode_call(runner, args), repeats), args[2].shape
 
 
 def why_not(runner: DecodeRunner, batch: int, context: int) -> str:
