@@ -71,6 +71,25 @@ def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: ja
     return out_btkgh.reshape(b, t, n, h)
 
 
+def attend_by_sums(q_b1nh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_b1s: jax.Array) -> jax.Array:
+    """``attend`` for rows of one token, as multiplies and sums instead of matmuls: XLA:CPU
+    then reads the gathered keys and values as they lie, where its matmuls first transposed
+    them element by element (about half of a default-model decode layer at batch 8 on the
+    2-core machines). The CPU host loop's decode form (``PagedKV.decode_attention = "sum"``)."""
+    b, _, n, h = q_b1nh.shape
+    k = k_bskh.shape[2]
+    q_bkgh = q_b1nh[:, 0].reshape(b, k, n // k, h)
+    # Fenced so that the broadcasts fuse into the sums (see host_loop.rows_dot_general).
+    q_bkgh, k_bskh, v_bskh = jax.lax.optimization_barrier((q_bkgh, k_bskh, v_bskh))
+    f32 = jnp.float32
+    scores_bskg = jnp.sum(k_bskh[:, :, :, None, :].astype(f32) * q_bkgh[:, None].astype(f32), axis=-1)
+    scores_bskg = jnp.where(mask_b1s[:, 0, :, None, None], scores_bskg, _MASKED)
+    probs_bskg = jax.nn.softmax(scores_bskg, axis=1)
+    probs_bskg, v_bskh = jax.lax.optimization_barrier((probs_bskg, v_bskh))
+    out_bkgh = jnp.sum(probs_bskg[..., None] * v_bskh[:, :, :, None, :].astype(f32), axis=1)
+    return out_bkgh.reshape(b, 1, n, h).astype(v_bskh.dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class HeadSplit:
     """How an instance's devices share the attention heads, for the kernels.
@@ -184,7 +203,8 @@ class PagedKV:
     v_pages: jax.Array  # [L, P, Z, K, H]
     page_table: jax.Array  # [B, P_max] int32; NULL_PAGE where unused
     # How rows of one token (decode) attend over their pages: "dot" (``attend``: gather,
-    # then matmuls) or "pallas" (a kernel: ``paged_kernel`` reads the pages in place; on TPUs
+    # then matmuls), "sum" (gather, then ``attend_by_sums``: the CPU host loop's form of
+    # "dot") or "pallas" (a kernel: ``paged_kernel`` reads the pages in place; on TPUs
     # ``tpu_attention``, for head dims it takes). Rows of several tokens use "dot".
     decode_attention: str = struct.field(pytree_node=False, default="dot")
     # How the kernel runs on the instance's devices (``head_split``; None: it cannot).
@@ -224,7 +244,9 @@ class PagedKV:
         k_ctx = k_bpzkh.reshape(b, s, *k_bpzkh.shape[-2:])
         v_ctx = v_bpzkh.reshape(b, s, *v_bpzkh.shape[-2:])
         k_pos_bs = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        return attend(q_btnh, k_ctx, v_ctx, causal_mask(pos_bt, k_pos_bs))
+        # (one row stays with the matmuls, which XLA:CPU runs fast for one row and the sums not)
+        by_sums = self.decode_attention == "sum" and q_btnh.shape[1] == 1 and b > 1
+        return (attend_by_sums if by_sums else attend)(q_btnh, k_ctx, v_ctx, causal_mask(pos_bt, k_pos_bs))
 
     def attend(self, layer, q_btnh, k_btkh, v_btkh, pos_bt):
         """Writes the new k, v at their positions, then attends over each request's pages."""

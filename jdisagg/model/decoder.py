@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -46,7 +47,7 @@ def _norm(cfg: ModelConfig, name: str) -> nn.Module:
     return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=_dtype(cfg), param_dtype=_dtype(cfg), name=name)
 
 
-def _dense(cfg: ModelConfig, features, axis, bias: bool, name: str) -> nn.Module:
+def _dense(cfg: ModelConfig, features, axis, bias: bool, name: str, dot_general: Callable | None) -> nn.Module:
     return nn.DenseGeneral(
         features=features,
         axis=axis,
@@ -55,6 +56,7 @@ def _dense(cfg: ModelConfig, features, axis, bias: bool, name: str) -> nn.Module
         param_dtype=_dtype(cfg),
         kernel_init=nn.initializers.normal(0.02),
         bias_init=nn.initializers.normal(0.02),
+        dot_general=dot_general,
         name=name,
     )
 
@@ -114,20 +116,22 @@ class Embed(nn.Module):
 
 
 class Block(nn.Module):
-    """One decoder layer. ``qkv`` and ``finish`` bracket the attention the caller runs."""
+    """One decoder layer. ``qkv`` and ``finish`` bracket the attention the caller runs.
+    ``dot_general``: what the projections multiply with (default ``lax.dot_general``)."""
 
     cfg: ModelConfig
+    dot_general: Callable | None = None
 
     def setup(self):
-        cfg = self.cfg
+        cfg, dot = self.cfg, self.dot_general
         opt = cfg.arch == "opt"
         self.attn_norm = _norm(cfg, "attn_norm")
-        self.q = _dense(cfg, (cfg.n_heads, cfg.head_dim), -1, opt or cfg.qkv_bias, "q")
-        self.k = _dense(cfg, (cfg.n_kv_heads, cfg.head_dim), -1, opt or cfg.qkv_bias, "k")
-        self.v = _dense(cfg, (cfg.n_kv_heads, cfg.head_dim), -1, opt or cfg.qkv_bias, "v")
-        self.o = _dense(cfg, cfg.dim, (-2, -1), opt, "o")
+        self.q = _dense(cfg, (cfg.n_heads, cfg.head_dim), -1, opt or cfg.qkv_bias, "q", dot)
+        self.k = _dense(cfg, (cfg.n_kv_heads, cfg.head_dim), -1, opt or cfg.qkv_bias, "k", dot)
+        self.v = _dense(cfg, (cfg.n_kv_heads, cfg.head_dim), -1, opt or cfg.qkv_bias, "v", dot)
+        self.o = _dense(cfg, cfg.dim, (-2, -1), opt, "o", dot)
         self.mlp_norm = _norm(cfg, "mlp_norm")
-        self.mlp = (ReluMLP if opt else GatedMLP)(cfg, name="mlp")
+        self.mlp = (ReluMLP if opt else GatedMLP)(cfg, dot, name="mlp")
 
     def qkv(self, x_btd: jax.Array, pos_bt: jax.Array):
         """Returns q [B,T,N,H] (already scaled by 1/sqrt(H)), k and v [B,T,K,H]."""
@@ -150,38 +154,43 @@ class Block(nn.Module):
 
 class GatedMLP(nn.Module):
     cfg: ModelConfig
+    dot_general: Callable | None = None
 
     @nn.compact
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        cfg = self.cfg
-        gate = _dense(cfg, cfg.ffn_dim, -1, False, "gate")(x_btd)
-        up = _dense(cfg, cfg.ffn_dim, -1, False, "up")(x_btd)
-        return _dense(cfg, cfg.dim, -1, False, "down")(nn.silu(gate) * up)
+        cfg, dot = self.cfg, self.dot_general
+        gate = _dense(cfg, cfg.ffn_dim, -1, False, "gate", dot)(x_btd)
+        up = _dense(cfg, cfg.ffn_dim, -1, False, "up", dot)(x_btd)
+        return _dense(cfg, cfg.dim, -1, False, "down", dot)(nn.silu(gate) * up)
 
 
 class ReluMLP(nn.Module):
     cfg: ModelConfig
+    dot_general: Callable | None = None
 
     @nn.compact
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        cfg = self.cfg
-        h_btf = nn.relu(_dense(self.cfg, cfg.ffn_dim, -1, True, "fc1")(x_btd))
-        return _dense(cfg, cfg.dim, -1, True, "fc2")(h_btf)
+        cfg, dot = self.cfg, self.dot_general
+        h_btf = nn.relu(_dense(self.cfg, cfg.ffn_dim, -1, True, "fc1", dot)(x_btd))
+        return _dense(cfg, cfg.dim, -1, True, "fc2", dot)(h_btf)
 
 
 class Head(nn.Module):
     """Final norm and the vocabulary projection (the embedding table when tied)."""
 
     cfg: ModelConfig
+    dot_general: Callable | None = None
 
     @nn.compact
     def __call__(self, x_bd: jax.Array, embedding_vd: jax.Array) -> jax.Array:
         cfg = self.cfg
         h_bd = _norm(cfg, "norm")(x_bd)
         if cfg.tie_embeddings:
-            return jnp.einsum("bd,vd->bv", h_bd, embedding_vd, preferred_element_type=jnp.float32)
-        kernel = self.param("lm_head", nn.initializers.normal(0.02), (cfg.dim, cfg.vocab_size), _dtype(cfg))
-        return jnp.einsum("bd,dv->bv", h_bd, kernel, preferred_element_type=jnp.float32)
+            kernel_dv = embedding_vd.T
+        else:
+            kernel_dv = self.param("lm_head", nn.initializers.normal(0.02), (cfg.dim, cfg.vocab_size), _dtype(cfg))
+        dot = self.dot_general or jax.lax.dot_general
+        return dot(h_bd, kernel_dv, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 # ---- Functional entry points over the parameter tree -------------------------------------
@@ -207,25 +216,27 @@ def embed(cfg: ModelConfig, params: dict, tokens_bt: jax.Array, pos_bt: jax.Arra
     return Embed(cfg).apply({"params": params["embed"]}, tokens_bt, pos_bt)
 
 
-def block_qkv(cfg: ModelConfig, layer: dict, x_btd: jax.Array, pos_bt: jax.Array):
-    return Block(cfg).apply({"params": layer}, x_btd, pos_bt, method=Block.qkv)
+def block_qkv(cfg: ModelConfig, layer: dict, x_btd: jax.Array, pos_bt: jax.Array, dot_general=None):
+    return Block(cfg, dot_general).apply({"params": layer}, x_btd, pos_bt, method=Block.qkv)
 
 
-def block_finish(cfg: ModelConfig, layer: dict, x_btd: jax.Array, attn_btnh: jax.Array) -> jax.Array:
-    return Block(cfg).apply({"params": layer}, x_btd, attn_btnh, method=Block.finish)
+def block_finish(cfg: ModelConfig, layer: dict, x_btd: jax.Array, attn_btnh: jax.Array, dot_general=None):
+    return Block(cfg, dot_general).apply({"params": layer}, x_btd, attn_btnh, method=Block.finish)
 
 
-def logits(cfg: ModelConfig, params: dict, x_bd: jax.Array) -> jax.Array:
+def logits(cfg: ModelConfig, params: dict, x_bd: jax.Array, dot_general: Callable | None = None) -> jax.Array:
     """[B, V] float32 logits from final hidden states."""
-    return Head(cfg).apply({"params": params["head"]}, x_bd, params["embed"]["tokens"]["embedding"])
+    head = Head(cfg, dot_general)
+    return head.apply({"params": params["head"]}, x_bd, params["embed"]["tokens"]["embedding"])
 
 
-def layer_step(cfg: ModelConfig, layer: dict, x_btd: jax.Array, pos_bt: jax.Array, kv, index):
+def layer_step(cfg: ModelConfig, layer: dict, x_btd: jax.Array, pos_bt: jax.Array, kv, index, dot_general=None):
     """One layer (``layer``: its parameters, no leading L) against cache ``kv``, whose layer
-    ``index`` it reads and writes. Returns the hidden states and the updated cache."""
-    q, k, v = block_qkv(cfg, layer, x_btd, pos_bt)
+    ``index`` it reads and writes; ``dot_general`` as ``Block``'s. Returns the hidden states
+    and the updated cache."""
+    q, k, v = block_qkv(cfg, layer, x_btd, pos_bt, dot_general)
     attn_btnh, kv = kv.attend(index, q, k, v, pos_bt)
-    return block_finish(cfg, layer, x_btd, attn_btnh), kv
+    return block_finish(cfg, layer, x_btd, attn_btnh, dot_general), kv
 
 
 def forward_layers(cfg: ModelConfig, layers: dict, x_btd: jax.Array, pos_bt: jax.Array, kv, *, unroll: bool):
@@ -246,6 +257,38 @@ def forward_layers(cfg: ModelConfig, layers: dict, x_btd: jax.Array, pos_bt: jax
 
     (x_btd, kv, _), _ = jax.lax.scan(body, (x_btd, kv, jnp.int32(0)), layers, unroll=unroll)
     return x_btd, kv
+
+
+def _input_axes(path) -> int:
+    """How many leading axes of the leaf at ``path`` a projection contracts (0: the leaf is
+    not a projection's weights): 2 for the output projection ``o`` [N, H, D], else 1."""
+    names = [getattr(k, "key", None) for k in path]
+    if names[-1:] == ["lm_head"]:
+        return 1
+    if names[-1:] == ["kernel"]:
+        return 2 if names[-2:-1] == ["o"] else 1
+    return 0
+
+
+def output_major(tree: dict) -> dict:
+    """``tree`` with every projection's weights stored output axes first ([D, F] -> [F, D]):
+    new arrays. ``input_major`` (traced into a program) gives the usual shapes back."""
+
+    def move(path, a):
+        n = _input_axes(path)
+        return jnp.transpose(a, (*range(n, a.ndim), *range(n))) if n else a
+
+    return jax.tree_util.tree_map_with_path(move, tree)
+
+
+def input_major(tree: dict) -> dict:
+    """The inverse of ``output_major``."""
+
+    def move(path, a):
+        n = _input_axes(path)
+        return jnp.transpose(a, (*range(a.ndim - n, a.ndim), *range(a.ndim - n))) if n else a
+
+    return jax.tree_util.tree_map_with_path(move, tree)
 
 
 def unstack_layers(layers: dict) -> tuple[dict, ...]:

@@ -155,17 +155,26 @@ def decode_embed(cfg: ModelConfig, params, tokens_b, pos_b):
 
 
 def decode_layer(cfg: ModelConfig, decode_attention: str, layer, pages, x_btd, pos_b, page_table_bp, index):
-    """One layer of the decode step (the host loop's program). Only ``pages`` (the k and v
-    pools) is donated: the page table is the caller's and every layer reads it."""
-    kv = PagedKV(*pages, page_table_bp, decode_attention)
-    x_btd, kv = decoder.layer_step(cfg, layer, x_btd, pos_b[:, None], kv, index)
+    """One layer of the decode step (the host loop's program; ``layer`` output-major, see
+    ``host_loop``). Only ``pages`` (the k and v pools) is donated: the page table is the
+    caller's and every layer reads it."""
+    kv = PagedKV(*pages, page_table_bp, host_loop.decode_attention(decode_attention))
+    layer, dot = decoder.input_major(layer), host_loop.rows_dot_general
+    x_btd, kv = decoder.layer_step(cfg, layer, x_btd, pos_b[:, None], kv, index, dot)
     return x_btd, (kv.k_pages, kv.v_pages)
 
 
-def decode_head(cfg: ModelConfig, params, x_btd, s: SamplingArrays, pos_b) -> Sampled:
+def decode_head(cfg: ModelConfig, params, x_btd, s: SamplingArrays, pos_b, dot_general=None) -> Sampled:
     """What one step samples, as a call of one step: ``Sampled`` [1, B]."""
-    sampled = sample(decoder.logits(cfg, params, x_btd[:, 0]), s, pos_b + 1)
+    sampled = sample(decoder.logits(cfg, params, x_btd[:, 0], dot_general), s, pos_b + 1)
     return jax.tree_util.tree_map(lambda a: a[None], sampled)
+
+
+def host_decode_head(cfg: ModelConfig, params, x_btd, s: SamplingArrays, pos_b) -> Sampled:
+    """``decode_head`` of the host loop: ``params`` holds the vocabulary projection
+    output-major (a tied model's embedding table already is)."""
+    params = {**params, "head": decoder.input_major(params["head"])}
+    return decode_head(cfg, params, x_btd, s, pos_b, host_loop.rows_dot_general)
 
 
 def decode_step(
@@ -219,14 +228,16 @@ class HostDecodeStep:
     """``decode_step`` of one step (same arguments and results) with the layer loop run from
     the host (``jdisagg.model.host_loop``): an embed program, one program per layer, a head program."""
 
-    def __init__(self, cfg: ModelConfig, layers: tuple[dict, ...], mesh: Mesh, decode_attention: str):
-        self.layers = layers
+    def __init__(self, cfg: ModelConfig, params: dict, mesh: Mesh, decode_attention: str):
+        self.layers = host_loop.shared_layers(params)
+        # The head's params with the vocabulary projection output-major (untied models: a copy).
+        self.head_params = {"embed": params["embed"], "head": jax.jit(decoder.output_major)(params["head"])}
         self.replicated = NamedSharding(mesh, PartitionSpec())
         self.embed = jax.jit(functools.partial(decode_embed, cfg), compiler_options=XLA_OPTIONS)
         self.layer = jax.jit(
             functools.partial(decode_layer, cfg, decode_attention), donate_argnums=1, compiler_options=XLA_OPTIONS
         )
-        self.head = jax.jit(functools.partial(decode_head, cfg), compiler_options=XLA_OPTIONS)
+        self.head = jax.jit(functools.partial(host_decode_head, cfg), compiler_options=XLA_OPTIONS)
 
     def __call__(self, params, k_pages, v_pages, tokens_b, pos_b, page_table_bp, count_b, s):
         del count_b  # one step: every row takes it
@@ -236,7 +247,7 @@ class HostDecodeStep:
         x_btd, (k_pages, v_pages) = host_loop.run_layers(
             self.layer, self.layers, (k_pages, v_pages), x_btd, pos_b, page_table_bp
         )
-        return self.head(params, x_btd, s, pos_b), k_pages, v_pages
+        return self.head(self.head_params, x_btd, s, pos_b), k_pages, v_pages
 
     def programs(self, label: str, params, k_pages, v_pages, tokens_b, pos_b, page_table_bp, count_b, s, *, head: bool):
         """The layer program (and with ``head`` the embed and head programs) at these shapes,
@@ -248,7 +259,7 @@ class HostDecodeStep:
         out = [Program(f"{label} layer", self.layer, layer_args)]
         if head:
             out.append(Program(f"{label} embed", self.embed, (params, tokens_b, pos_b)))
-            out.append(Program(f"{label} head", self.head, (params, x_btd, s, pos_b)))
+            out.append(Program(f"{label} head", self.head, (self.head_params, x_btd, s, pos_b)))
         return out
 
 
@@ -346,8 +357,7 @@ class DecodeRunner:
         # One device on CPU: the layer loop runs from the host (jdisagg.model.host_loop).
         self.host_loop = host_loop.on_host(mesh) and stages == 1 and micro_batches == 1 and steps == 1
         if self.host_loop:
-            layers = host_loop.shared_unstack(params, decoder.unstack_layers)
-            self._step = HostDecodeStep(cfg, layers, mesh, decode_attention)
+            self._step = HostDecodeStep(cfg, params, mesh, decode_attention)
         else:
             self._step = jax.jit(
                 functools.partial(

@@ -59,8 +59,10 @@ def prefill_embed(cfg: ModelConfig, params, tokens_1n, pos_1n, segment_1n, *, ke
 
 
 def prefill_layer(cfg: ModelConfig, layer, kv: PromptKV, x_1nd, pos_1n, index):
-    """One layer of the prefill step (the host loop's program)."""
-    return decoder.layer_step(cfg, layer, x_1nd, pos_1n, kv, index)
+    """One layer of the prefill step (the host loop's program; ``layer`` output-major, see
+    ``host_loop``)."""
+    layer, dot = decoder.input_major(layer), host_loop.rows_dot_general
+    return decoder.layer_step(cfg, layer, x_1nd, pos_1n, kv, index, dot)
 
 
 def prefill_head(cfg: ModelConfig, params, x_1nd, pos_1n, last_s, s: SamplingArrays):
@@ -164,7 +166,7 @@ class PrefillRunner:
         # One device on CPU: the layer loop runs from the host (jdisagg.model.host_loop).
         self.host_loop = host_loop.on_host(mesh)
         if self.host_loop:
-            layers = host_loop.shared_unstack(params, decoder.unstack_layers)
+            layers = host_loop.shared_layers(params)
             self._step = HostPrefillStep(cfg, layers, mesh, kv_sharding, kernel=kernel)
         else:
             self._step = jax.jit(
