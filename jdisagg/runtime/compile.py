@@ -16,7 +16,10 @@ MAX_COMPILE_THREADS = 16
 # instead of copying them out of the stacked arrays first: on an H200 a Llama-3-8B decode step
 # at batch 8 took 8.5 ms instead of 14.6, a 2,048-token prefill 51.6 instead of 58.0, at
 # scanned compile times (BENCHMARKS.md). A GPU option; other platforms ignore it.
-XLA_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+# Without the dot merger q, k and v stay three matmuls over the same rows: merged, XLA copied
+# their weights into one matrix in every layer of every step (0.78 ms of a Llama-3-8B decode
+# step at batch 8 on an H200, which ran 7.30 -> 6.88 ms without it; BENCHMARKS.md).
+XLA_OPTIONS = {"xla_gpu_enable_triton_gemm": False, "xla_disable_hlo_passes": "dot-merger"}
 
 
 @dataclasses.dataclass(frozen=True)
