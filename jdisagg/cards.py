@@ -170,9 +170,9 @@ def open_model(card: ModelCard, dtype: str | None = None) -> LoadedModel:
 
             cfg, host, tokenizer = read_hf(path)
         else:
-            from jdisagg.weights.gguf import read_gguf
+            from jdisagg.weights.gguf import read_gguf_cached
 
-            cfg, host, tokenizer = read_gguf(path)
+            cfg, host, tokenizer = read_gguf_cached(path)
     if card.architecture and card.architecture != cfg.arch:
         raise ValueError(f"model card {card.name}: architecture {card.architecture!r} but the weights are {cfg.arch!r}")
     logging.info("model %s: %s, %.1fM parameters, %s", card.name, cfg.arch, cfg.param_count() / 1e6, dtype)

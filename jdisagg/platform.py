@@ -30,4 +30,7 @@ def enable_compilation_cache(directory: str | None = None) -> None:
     if directory is None and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
     jax.config.update("jax_compilation_cache_dir", directory or str(default_cache_dir() / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    # Every program, however quick to compile: on the 2-core CPU machines the default server
+    # has 46 programs, most under half a second each, and reading all from the cache took its
+    # warm start from 21-26 s to 12-13 s (BENCHMARKS.md).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

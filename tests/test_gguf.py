@@ -12,6 +12,7 @@ import weights_util
 from jdisagg.model import attention, decoder
 from jdisagg.model.config import shape
 from jdisagg.weights import default
+from jdisagg.weights import gguf as gguf_weights
 from jdisagg.weights.gguf import _rope_scaling, read_gguf, unpermute_rows
 
 
@@ -185,3 +186,49 @@ def test_llama3_rope_freqs_are_recognized():
         _rope_scaling(meta, "llama", cfg.rope_theta, cfg.head_dim, rope_freqs[::-1])
     linear = {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}
     assert _rope_scaling(linear, "llama", 1e4, 64, None) == (("factor", 4.0), ("rope_type", "linear"))
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_cached_read_gives_what_the_file_gives(tmp_path, monkeypatch, name):
+    """The second read of a GGUF file comes from the dequantized cache, not the file, and gives
+    the same config, weights and tokenizer; a changed file, or a damaged entry, is read again."""
+    monkeypatch.setenv("JDISAGG_CACHE", str(tmp_path / "cache"))
+    cfg = shape(name)
+    path = tmp_path / "tiny.gguf"
+    weights_util.write_gguf(
+        path, cfg, decoder.init_params(cfg, jax.random.key(1)), quant=gguf.GGMLQuantizationType.Q8_0
+    )
+    first = gguf_weights.read_gguf_cached(path)
+    entry = gguf_weights.cache_entry(path)
+    assert entry.is_dir()
+    calls = []
+    monkeypatch.setattr(gguf_weights, "read_gguf", lambda p: calls.append(p) or read_gguf(p))
+    second = gguf_weights.read_gguf_cached(path)
+    assert not calls  # from the cache
+    assert second[0] == first[0] == read_gguf(path)[0]
+    weights_util.assert_same_tree(first[1], second[1])
+    assert repr(second[2]) == repr(first[2]) and second[2].encode("hello world") == first[2].encode("hello world")
+    assert second[2].chat_template == first[2].chat_template
+    calls.clear()
+
+    (entry / "model.safetensors").write_bytes(b"damaged")
+    weights_util.assert_same_tree(first[1], gguf_weights.read_gguf_cached(path)[1])
+    assert len(calls) == 1 and entry.is_dir()  # read again, and the entry replaced
+
+    weights_util.write_gguf(path, cfg, decoder.init_params(cfg, jax.random.key(2)))
+    assert gguf_weights.cache_entry(path) != entry  # a new file, a new entry
+    changed = gguf_weights.read_gguf_cached(path)
+    assert len(calls) == 2
+    weights_util.assert_same_tree(read_gguf(path)[1], changed[1])
+
+
+def test_cache_that_cannot_be_written_is_skipped(tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv("JDISAGG_CACHE", str(blocked))
+    cfg = shape("tiny-llama")
+    path = tmp_path / "tiny.gguf"
+    weights_util.write_gguf(path, cfg, decoder.init_params(cfg, jax.random.key(1)))
+    cfg2, params2, _ = gguf_weights.read_gguf_cached(path)
+    assert cfg2 == cfg
+    weights_util.assert_same_tree(read_gguf(path)[1], params2)

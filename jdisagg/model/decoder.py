@@ -271,12 +271,12 @@ def _input_axes(path) -> int:
 
 
 def output_major(tree: dict) -> dict:
-    """``tree`` with every projection's weights stored output axes first ([D, F] -> [F, D]):
-    new arrays. ``input_major`` (traced into a program) gives the usual shapes back."""
+    """``tree`` with every projection's weights output axes first ([D, F] -> [F, D]); NumPy
+    leaves become views. ``input_major`` (traced into a program) gives the usual shapes back."""
 
-    def move(path, a):
+    def move(path, a):  # NumPy or JAX arrays
         n = _input_axes(path)
-        return jnp.transpose(a, (*range(n, a.ndim), *range(n))) if n else a
+        return a.transpose((*range(n, a.ndim), *range(n))) if n else a
 
     return jax.tree_util.tree_map_with_path(move, tree)
 

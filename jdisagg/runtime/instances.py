@@ -82,7 +82,7 @@ class Instances:
             "mesh preset %s: decode attention %s, layer loop %s",
             preset.name,
             preset.decode_attention,
-            "unrolled" if preset.unroll_layers else "scanned",
+            "unrolled" if preset.unroll_layers else "scanned (run from the host on one-device CPU instances)",
         )
         buckets = preset.length_buckets or length_buckets(preset.max_seq_len, preset.page_size)
         abstract = decoder.abstract_params(cfg)

@@ -319,18 +319,13 @@ def _open_safetensors(directory: Path) -> Iterator[Mapping[str, Any]]:
         yield where
 
 
-def read_hf(path: str | os.PathLike) -> tuple[ModelConfig, dict, Tokenizer]:
-    """ModelConfig, host numpy float32 params and tokenizer from a Hugging Face directory.
-
-    Reads ``config.json`` (+ ``generation_config.json`` for extra EOS ids), ``*.safetensors``
-    (sharded or single) and the tokenizer files (see ``Tokenizer.load``).
-    """
+def read_hf_config(path: str | os.PathLike) -> tuple[ModelConfig, Tokenizer]:
+    """``read_hf``'s config and tokenizer, without the weights."""
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory}: not a Hugging Face model directory (no config.json)")
     cfg = config_from_hf(json.loads((directory / "config.json").read_text()))
     tokenizer = Tokenizer.load(directory)
-
     eos_ids = list(cfg.eos_ids)
     gen_path = directory / "generation_config.json"
     extra = _ids(json.loads(gen_path.read_text()).get("eos_token_id")) if gen_path.exists() else ()
@@ -339,7 +334,17 @@ def read_hf(path: str | os.PathLike) -> tuple[ModelConfig, dict, Tokenizer]:
             eos_ids.append(i)
     bos_id = cfg.bos_id if cfg.bos_id is not None else tokenizer.bos_id
     cfg = cfg.replace(bos_id=bos_id, eos_ids=tuple(eos_ids))
-    tokenizer = tokenizer.replace(bos_id=bos_id, eos_ids=tuple(eos_ids))
+    return cfg, tokenizer.replace(bos_id=bos_id, eos_ids=tuple(eos_ids))
+
+
+def read_hf(path: str | os.PathLike) -> tuple[ModelConfig, dict, Tokenizer]:
+    """ModelConfig, host numpy float32 params and tokenizer from a Hugging Face directory.
+
+    Reads ``config.json`` (+ ``generation_config.json`` for extra EOS ids), ``*.safetensors``
+    (sharded or single) and the tokenizer files (see ``Tokenizer.load``).
+    """
+    directory = Path(path)
+    cfg, tokenizer = read_hf_config(directory)
 
     with _open_safetensors(directory) as where:
         # Some checkpoints (e.g. facebook/opt-*) were saved without the "model." prefix.
