@@ -21,8 +21,9 @@ from jdisagg.sched.params import SamplingParams
 CFG = shape("tiny-llama")
 PAGE, PAGES_PER_ROW = 8, 8  # 64 positions per row
 BUDGETS = [20, 13, 7, 20, 1, 16]  # tokens each row produces; the batch bucket is 8: two empty rows
+# Each row asks for one alternative, so that the best token's log-probability comes back.
 PARAMS = [
-    SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=s) if s % 2 else SamplingParams()
+    SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=s, logprobs=1) if s % 2 else SamplingParams(logprobs=1)
     for s in range(len(BUDGETS))
 ]
 # (devices, pp, tp, micro_batches, steps per call, decode attention). pp=2 with 2 micro-batches

@@ -93,14 +93,14 @@ def decode_attention(preset_choice: str) -> str:
     return "sum" if preset_choice == "dot" else preset_choice
 
 
-def shared_layers(params: dict) -> tuple[dict, ...]:
+def shared_layers(params: dict, mesh: Mesh) -> tuple[dict, ...]:
     """``params["layers"]`` as one output-major tree per layer (``decoder.unstack_layers``,
     then ``decoder.output_major``), computed once per parameter tree: a colocated instance's
-    prefill and decode runners share one set of per-layer arrays."""
+    prefill and decode runners share one set of per-layer arrays, on ``mesh`` (one device)."""
     leaf = jax.tree_util.tree_leaves(params["layers"])[0]
     cached = _UNSTACKED.get(id(leaf))
     if cached is None or cached[0]() is not leaf:
-        layers = _output_major_layers(params["layers"])
+        layers = _output_major_layers(params["layers"], NamedSharding(mesh, PartitionSpec()))
         cached = (weakref.ref(leaf), layers)
         _UNSTACKED[id(leaf)] = cached
         for key in [k for k, (ref, _) in _UNSTACKED.items() if ref() is None]:
@@ -111,14 +111,12 @@ def shared_layers(params: dict) -> tuple[dict, ...]:
 _UNSTACKED: dict[int, tuple] = {}
 
 
-def _output_major_layers(stacked: dict) -> tuple[dict, ...]:
-    """One output-major tree per layer of ``stacked``, on its one device. Sliced and
+def _output_major_layers(stacked: dict, placed: NamedSharding) -> tuple[dict, ...]:
+    """One output-major tree per layer of ``stacked``, placed on ``placed``. Sliced and
     transposed in host memory (where a CPU device's arrays are anyway): one copy per leaf,
     where hundreds of small eager programs took seconds."""
-    leaf = jax.tree_util.tree_leaves(stacked)[0]
-    placed = NamedSharding(leaf.sharding.mesh, PartitionSpec())
     host = jax.device_get(stacked)
-    n = leaf.shape[0]
+    n = jax.tree_util.tree_leaves(host)[0].shape[0]
     return tuple(
         jax.device_put(decoder.output_major(jax.tree_util.tree_map(lambda a, i=i: a[i], host)), placed)
         for i in range(n)

@@ -229,7 +229,7 @@ class HostDecodeStep:
     the host (``jdisagg.model.host_loop``): an embed program, one program per layer, a head program."""
 
     def __init__(self, cfg: ModelConfig, params: dict, mesh: Mesh, decode_attention: str):
-        self.layers = host_loop.shared_layers(params)
+        self.layers = host_loop.shared_layers(params, mesh)
         # The head's params with the vocabulary projection output-major (untied models: a copy).
         self.head_params = {"embed": params["embed"], "head": jax.jit(decoder.output_major)(params["head"])}
         self.replicated = NamedSharding(mesh, PartitionSpec())

@@ -166,7 +166,7 @@ class PrefillRunner:
         # One device on CPU: the layer loop runs from the host (jdisagg.model.host_loop).
         self.host_loop = host_loop.on_host(mesh)
         if self.host_loop:
-            layers = host_loop.shared_layers(params)
+            layers = host_loop.shared_layers(params, mesh)
             self._step = HostPrefillStep(cfg, layers, mesh, kv_sharding, kernel=kernel)
         else:
             self._step = jax.jit(
