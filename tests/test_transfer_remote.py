@@ -121,9 +121,9 @@ def test_an_offer_nobody_pulls_is_dropped_at_its_deadline(servers):
     p, (k, v), _ = _prefix(NamedSharding(prefill_mesh, P(None, None, "tp", None)), prefill)
     sums = []
 
-    def stage_early(prefix, parts):  # offered with a 0.2 s deadline, pulled 1 s later
+    def stage_early(prefix, parts):  # offered with a 0.2 s deadline, pulled 2 s later
         sums.append(remote.stage(prefill, prefix.uuid, k, v, parts, timeout_s=0.2))
-        time.sleep(1.0)
+        time.sleep(2.0)  # past the deadline as the server keeps it: rounded up to a whole second (remote._deadline)
         return sums[-1]
 
     [out] = remote.Remote(decode, stage_early, timeout_s=1.0).pull_each([p], dst)
