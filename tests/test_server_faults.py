@@ -283,8 +283,16 @@ def test_full_queue_is_resource_exhausted_and_nothing_accepted_is_lost():
     s = Served(max_queue=2)
     gate = s.engine.prefill[0].gate = threading.Event()
     try:
-        held = [s.stub.Generate(_ids([5, 6 + i], max_tokens=2, ignore_eos=True), timeout=30) for i in range(3)]
-        _wait(lambda: len(s.submitted) == 3)  # one in prefill (held at the gate), two queued
+
+        def call(i):
+            return s.stub.Generate(_ids([5, 6 + i], max_tokens=2, ignore_eos=True), timeout=30)
+
+        # One in prefill (held at the gate) before the next two arrive, so that they queue
+        # (arriving together, prefill could take two of them in one packed call).
+        held = [call(0)]
+        _wait(lambda: len(s.engine.prefill[0].calls) == 1)
+        held += [call(1), call(2)]
+        _wait(lambda: len(s.submitted) == 3)
         code, details = _code(lambda: _collect(s.stub, _ids([5, 6], max_tokens=2)))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in details
         gate.set()

@@ -289,9 +289,3 @@ def input_major(tree: dict) -> dict:
         return jnp.transpose(a, (*range(a.ndim - n, a.ndim), *range(a.ndim - n))) if n else a
 
     return jax.tree_util.tree_map_with_path(move, tree)
-
-
-def unstack_layers(layers: dict) -> tuple[dict, ...]:
-    """The stacked layer parameters as one tree per layer (new arrays, on the same devices)."""
-    n = jax.tree_util.tree_leaves(layers)[0].shape[0]
-    return tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], layers) for i in range(n))

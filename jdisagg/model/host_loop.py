@@ -4,7 +4,7 @@ Inside a scanned layer loop XLA:CPU copies each layer's weights out of the stack
 before its dots read them (``dynamic-slice`` fusions): on the 2-core CPU machines about a
 third of a default-model decode step. Unrolling the loop removes the copies but multiplies
 compile times (and XLA:CPU ran the unrolled decode step 4x slower). Here the runner slices the
-weights into per-layer arrays once (``decoder.unstack_layers``), and a step is three kinds of
+weights into per-layer arrays once (``shared_layers``), and a step is three kinds of
 small programs: embed, one layer (called for every layer, reading its own arrays; the cache
 is donated, so its updates stay in place) and the head. On GPUs the scanned loop reads the
 weights in place (cuBLAS matmuls, ``runtime.compile.XLA_OPTIONS``) and one program per step
@@ -94,21 +94,21 @@ def decode_attention(preset_choice: str) -> str:
 
 
 def shared_layers(params: dict, mesh: Mesh) -> tuple[dict, ...]:
-    """``params["layers"]`` as one output-major tree per layer (``decoder.unstack_layers``,
-    then ``decoder.output_major``), computed once per parameter tree: a colocated instance's
+    """``params["layers"]`` as one output-major tree per layer (``decoder.output_major``),
+    computed once per parameter tree: a colocated instance's
     prefill and decode runners share one set of per-layer arrays, on ``mesh`` (one device)."""
     leaf = jax.tree_util.tree_leaves(params["layers"])[0]
-    cached = _UNSTACKED.get(id(leaf))
+    cached = _LAYERS.get(id(leaf))
     if cached is None or cached[0]() is not leaf:
         layers = _output_major_layers(params["layers"], NamedSharding(mesh, PartitionSpec()))
         cached = (weakref.ref(leaf), layers)
-        _UNSTACKED[id(leaf)] = cached
-        for key in [k for k, (ref, _) in _UNSTACKED.items() if ref() is None]:
-            del _UNSTACKED[key]  # parameter trees that are gone
+        _LAYERS[id(leaf)] = cached
+        for key in [k for k, (ref, _) in _LAYERS.items() if ref() is None]:
+            del _LAYERS[key]  # parameter trees that are gone
     return cached[1]
 
 
-_UNSTACKED: dict[int, tuple] = {}
+_LAYERS: dict[int, tuple] = {}
 
 
 def _output_major_layers(stacked: dict, placed: NamedSharding) -> tuple[dict, ...]:
