@@ -56,6 +56,13 @@ MAX_MESSAGE_BYTES = 8 * 2**20  # gRPC's limit on one request message (and HTTP's
 T = TypeVar("T")
 
 
+# A client whose deadline passes cancels its call before the server's copy of that deadline
+# (started when the call arrived) passes, by the time the call took to arrive: a loaded
+# machine counted such deadlines as cancellations. A cancel this close to the deadline counts
+# as the deadline.
+DEADLINE_SLACK_S = 1.0
+
+
 class Rejected(Exception):
     """A call refused with a status code (and a message for the client)."""
 
@@ -336,7 +343,7 @@ class Server:
         except (asyncio.CancelledError, GeneratorExit):  # the client went away, or its deadline passed
             # (CancelledError while waiting for output, GeneratorExit while suspended at a yield)
             remaining = context.time_remaining()
-            self.client_left(deadline=remaining is not None and remaining <= 0)
+            self.client_left(deadline=remaining is not None and remaining <= DEADLINE_SLACK_S)
             raise
 
     def tokenize(self, msg: pb.TokenizeRequest) -> pb.TokenizeResponse:
