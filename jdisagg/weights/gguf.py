@@ -240,7 +240,7 @@ def read_gguf_cached(path: str | os.PathLike) -> tuple[ModelConfig, dict, Tokeni
         else:
             os.rename(tmp, entry)  # atomic; fails if another process got there first
             logging.info("%s: dequantized weights cached in %s", path, entry)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001  (a cache that cannot be written never fails the load)
         if not entry.is_dir():
             logging.warning("%s: could not cache the dequantized weights in %s: %s", path, entry.parent, e)
     finally:
