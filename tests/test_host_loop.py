@@ -1,5 +1,5 @@
 """The CPU host loop's forms of a step: projections over output-major weights
-(``host_loop.rows_dot_general``), decode attention by sums (``attention.attend_by_sums``) and
+(``host_loop.rows_dot_general``), decode attention a block of pages at a time (``attention.attend_blocks``) and
 the sampler's skipped top-k, against float64 NumPy and the forms they replace."""
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def _close(got, want):
 
 @pytest.mark.parametrize("rows", [1, 2, 8, 16, 17, 40])
 def test_rows_dot_general_matches_float64(rows):
-    """Every projection shape of a layer (one input axis, and o's two), at row counts on both
-    sides of ROWS_DOT_MAX, from the stored output-major arrays, as the layer programs call it."""
+    """Every projection shape of a layer (one input axis, and o's two), at decode and prompt
+    row counts, from the stored output-major arrays, as the layer programs call it."""
     rng = np.random.default_rng(rows)
     d, n, h, f = 48, 6, 8, 80
     tree = {
@@ -68,7 +68,7 @@ def test_rows_dot_general_matches_float64(rows):
 
 
 def test_projections_read_the_stored_weights_in_place():
-    """At the row counts the sums take, a layer program multiplies the stored arrays without
+    """At a decode batch's row count, a layer program multiplies the stored arrays without
     copying them: nothing in the compiled program but its parameters (and their bitcasts)
     holds an array of a weight matrix's size."""
     cfg = shape("tiny-llama")
@@ -89,23 +89,62 @@ def test_projections_read_the_stored_weights_in_place():
     assert not made, made
 
 
-@pytest.mark.parametrize("batch", [2, 5, 8])
-def test_attend_by_sums_matches_float64(batch):
-    """Rows of one token over their gathered context, padding masked, grouped kv heads."""
+@pytest.mark.parametrize("batch", [1, 2, 5, 8])
+def test_attend_blocks_matches_float64(batch):
+    """Rows of one token over their pages, a block at a time: contexts of one key, of a whole
+    block, across blocks and to the end of a table whose width is no multiple of a block;
+    padding rows (position -1) beside them; grouped kv heads; pages in scattered order."""
     rng = np.random.default_rng(batch)
-    s, kh, g, h = 40, 2, 3, 16
+    layers, n_pages, z, kh, g, h, width = 2, 40, 4, 2, 3, 16, 9  # a block: 32 positions = 8 pages
+    k_pages = rng.standard_normal((layers, n_pages, z, kh, h)).astype(np.float32)
+    v_pages = rng.standard_normal((layers, n_pages, z, kh, h)).astype(np.float32)
     q = rng.standard_normal((batch, 1, kh * g, h)).astype(np.float32)
-    k = rng.standard_normal((batch, s, kh, h)).astype(np.float32)
-    v = rng.standard_normal((batch, s, kh, h)).astype(np.float32)
-    lengths = rng.integers(1, s + 1, batch)
-    mask = np.arange(s)[None, None, :] < lengths[:, None, None]  # [B, 1, S]
-    got = jax.jit(attention.attend_by_sums)(q, k, v, mask)
+    table = np.stack([rng.permutation(np.arange(1, n_pages))[:width] for _ in range(batch)]).astype(np.int32)
+    pos = np.array([0, width * z - 1, 31, 32, -1, 17, 5, 20][:batch], np.int32)
+    assert 32 < width * z  # the table spans more than one block
+    layer = np.int32(1)
+    with _block_tokens(32):
+        got = jax.jit(attention.attend_blocks)(q, k_pages, v_pages, layer, table, pos[:, None])
     for b in range(batch):
-        n = int(lengths[b])
+        if pos[b] < 0:
+            assert np.isfinite(np.asarray(got[b])).all()
+            continue
+        n = int(pos[b]) + 1
+        keys = k_pages[layer, table[b]].reshape(-1, kh, h)[:n].astype(np.float64)
+        values = v_pages[layer, table[b]].reshape(-1, kh, h)[:n].astype(np.float64)
         for head in range(kh * g):
-            k64, v64 = k[b, :n, head // g].astype(np.float64), v[b, :n, head // g].astype(np.float64)
-            want = reference.softmax(k64 @ q[b, 0, head].astype(np.float64)) @ v64
+            want = reference.softmax(keys[:, head // g] @ q[b, 0, head].astype(np.float64)) @ values[:, head // g]
             _close(got[b, 0, head], want)
+
+
+def test_attend_blocks_reads_only_the_blocks_the_longest_context_fills():
+    """A page past the longest context's block is never read: NaN there changes nothing."""
+    rng = np.random.default_rng(0)
+    z, kh, h = 4, 1, 8
+    k_pages = rng.standard_normal((1, 12, z, kh, h)).astype(np.float32)
+    v_pages = k_pages.copy()
+    table = np.arange(1, 11, dtype=np.int32)[None]  # 10 pages; a block: 8 pages (32 positions)
+    q = rng.standard_normal((1, 1, kh, h)).astype(np.float32)
+    pos = np.array([[20]], np.int32)
+    with _block_tokens(32):
+        clean = jax.jit(attention.attend_blocks)(q, k_pages, v_pages, np.int32(0), table, pos)
+        k_pages[0, 9:], v_pages[0, 9:] = np.nan, np.nan  # the second block's pages
+        poisoned = jax.jit(attention.attend_blocks)(q, k_pages, v_pages, np.int32(0), table, pos)
+    np.testing.assert_array_equal(clean, poisoned)
+    assert np.isfinite(np.asarray(clean)).all()
+
+
+class _block_tokens:
+    """Sets ``attention.BLOCK_TOKENS`` for a test (the tests' pages are small)."""
+
+    def __init__(self, tokens: int):
+        self.tokens = tokens
+
+    def __enter__(self):
+        self.saved, attention.BLOCK_TOKENS = attention.BLOCK_TOKENS, self.tokens
+
+    def __exit__(self, *exc):
+        attention.BLOCK_TOKENS = self.saved
 
 
 def test_sampler_skips_alternatives_no_row_asks_for():

@@ -71,23 +71,52 @@ def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: ja
     return out_btkgh.reshape(b, t, n, h)
 
 
-def attend_by_sums(q_b1nh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_b1s: jax.Array) -> jax.Array:
-    """``attend`` for rows of one token, as multiplies and sums instead of matmuls: XLA:CPU
-    then reads the gathered keys and values as they lie, where its matmuls first transposed
-    them element by element (about half of a default-model decode layer at batch 8 on the
-    2-core machines). The CPU host loop's decode form (``PagedKV.decode_attention = "sum"``)."""
+# Keys a step of ``attend_blocks`` reads per row: 128 positions (8 pages of 16) measured
+# fastest of 2, 4 and 8 pages on the 2-core CPU machines at 1-16 rows (BENCHMARKS.md).
+BLOCK_TOKENS = 128
+
+
+def attend_blocks(q_b1nh, k_pages, v_pages, layer, page_table_bp, pos_b1) -> jax.Array:
+    """Rows of one token over their pages, a block of pages at a time, for only as many
+    blocks as the batch's longest context fills (a loop with that many trips; softmax
+    carried across blocks as a running maximum and sum). The CPU host loop's decode form
+    (``PagedKV.decode_attention = "blocks"``): a gather of every page in the table and
+    matmuls over all of it made the cost of a step that of the table's width, so each width
+    needed its own program; here one program takes any width, and a step pays for the
+    longest context, rounded up to ``BLOCK_TOKENS`` (BENCHMARKS.md, CPU section)."""
     b, _, n, h = q_b1nh.shape
-    k = k_bskh.shape[2]
-    q_bkgh = q_b1nh[:, 0].reshape(b, k, n // k, h)
-    # Fenced so that the broadcasts fuse into the sums (see host_loop.rows_dot_general).
-    q_bkgh, k_bskh, v_bskh = jax.lax.optimization_barrier((q_bkgh, k_bskh, v_bskh))
+    z, k = k_pages.shape[2], k_pages.shape[3]
+    g = n // k
+    per_block = max(1, BLOCK_TOKENS // z)  # pages
+    table = jnp.pad(page_table_bp, ((0, 0), (0, -page_table_bp.shape[1] % per_block)), constant_values=NULL_PAGE)
+    span = per_block * z
+    q_bkgh = q_b1nh[:, 0].reshape(b, k, g, h)
+    pos_b = pos_b1[:, 0]
+    n_blocks = jnp.minimum((jnp.max(pos_b) + span) // span, table.shape[1] // per_block)
+
+    def block(i, carry):
+        top_bkg, total_bkg, out_bkgh = carry
+        pages_bp = jax.lax.dynamic_slice_in_dim(table, i * per_block, per_block, axis=1)
+        k_bskh = k_pages[layer, pages_bp].reshape(b, span, k, h)
+        v_bskh = v_pages[layer, pages_bp].reshape(b, span, k, h)
+        scores_bskg = jnp.einsum("bkgh,bskh->bskg", q_bkgh, k_bskh, preferred_element_type=jnp.float32)
+        visible_bs = i * span + jnp.arange(span, dtype=jnp.int32)[None] <= pos_b[:, None]
+        scores_bskg = jnp.where(visible_bs[:, :, None, None], scores_bskg, _MASKED)
+        new_top_bkg = jnp.maximum(top_bkg, scores_bskg.max(axis=1))
+        scale_bkg = jnp.exp(top_bkg - new_top_bkg)
+        probs_bskg = jnp.exp(scores_bskg - new_top_bkg[:, None])
+        total_bkg = total_bkg * scale_bkg + probs_bskg.sum(axis=1)
+        part_bkgh = jnp.einsum(
+            "bskg,bskh->bkgh", probs_bskg.astype(v_bskh.dtype), v_bskh, preferred_element_type=jnp.float32
+        )
+        return new_top_bkg, total_bkg, out_bkgh * scale_bkg[..., None] + part_bkgh
+
     f32 = jnp.float32
-    scores_bskg = jnp.sum(k_bskh[:, :, :, None, :].astype(f32) * q_bkgh[:, None].astype(f32), axis=-1)
-    scores_bskg = jnp.where(mask_b1s[:, 0, :, None, None], scores_bskg, _MASKED)
-    probs_bskg = jax.nn.softmax(scores_bskg, axis=1)
-    probs_bskg, v_bskh = jax.lax.optimization_barrier((probs_bskg, v_bskh))
-    out_bkgh = jnp.sum(probs_bskg[..., None] * v_bskh[:, :, :, None, :].astype(f32), axis=1)
-    return out_bkgh.reshape(b, 1, n, h).astype(v_bskh.dtype)
+    init = (jnp.full((b, k, g), _MASKED, f32), jnp.zeros((b, k, g), f32), jnp.zeros((b, k, g, h), f32))
+    _, total_bkg, out_bkgh = jax.lax.fori_loop(0, n_blocks, block, init)
+    # Padding rows (position -1) see no key: their garbage is finite, never NaN.
+    out_bkgh = out_bkgh / jnp.maximum(total_bkg, jnp.finfo(f32).tiny)[..., None]
+    return out_bkgh.reshape(b, 1, n, h).astype(v_pages.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,8 +232,7 @@ class PagedKV:
     v_pages: jax.Array  # [L, P, Z, K, H]
     page_table: jax.Array  # [B, P_max] int32; NULL_PAGE where unused
     # How rows of one token (decode) attend over their pages: "dot" (``attend``: gather,
-    # then matmuls), "sum" (gather, then ``attend_by_sums``: the CPU host loop's form of
-    # "dot") or "pallas" (a kernel: ``paged_kernel`` reads the pages in place; on TPUs
+    # then matmuls), "blocks" (``attend_blocks``: the CPU host loop's form of "dot") or "pallas" (a kernel: ``paged_kernel`` reads the pages in place; on TPUs
     # ``tpu_attention``, for head dims it takes). Rows of several tokens use "dot".
     decode_attention: str = struct.field(pytree_node=False, default="dot")
     # How the kernel runs on the instance's devices (``head_split``; None: it cannot).
@@ -236,6 +264,8 @@ class PagedKV:
                 # [B, N, H], [L, P, Z, K, H] x 2, layer, table, lengths
                 out_bnh = self.heads.run(kernel.decode_attention, (1, 3, 3, None, None, None), 1, *args, lengths_b)
                 return out_bnh[:, None]
+        if self.decode_attention == "blocks" and q_btnh.shape[1] == 1:
+            return attend_blocks(q_btnh, self.k_pages, self.v_pages, layer, self.page_table, pos_bt)
         b, p_max = self.page_table.shape
         z = self.k_pages.shape[2]
         k_bpzkh = self.k_pages[layer, self.page_table]  # one gather: this layer's pages per request
@@ -244,9 +274,7 @@ class PagedKV:
         k_ctx = k_bpzkh.reshape(b, s, *k_bpzkh.shape[-2:])
         v_ctx = v_bpzkh.reshape(b, s, *v_bpzkh.shape[-2:])
         k_pos_bs = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        # (one row stays with the matmuls, which XLA:CPU runs fast for one row and the sums not)
-        by_sums = self.decode_attention == "sum" and q_btnh.shape[1] == 1 and b > 1
-        return (attend_by_sums if by_sums else attend)(q_btnh, k_ctx, v_ctx, causal_mask(pos_bt, k_pos_bs))
+        return attend(q_btnh, k_ctx, v_ctx, causal_mask(pos_bt, k_pos_bs))
 
     def attend(self, layer, q_btnh, k_btkh, v_btkh, pos_bt):
         """Writes the new k, v at their positions, then attends over each request's pages."""

@@ -207,8 +207,10 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
     return {"embed": embed, "layers": layers, "head": head}
 
 
+@functools.lru_cache(maxsize=16)
 def abstract_params(cfg: ModelConfig) -> dict:
-    """Shapes and dtypes of the parameter tree, without allocating it."""
+    """Shapes and dtypes of the parameter tree, without allocating it (one trace per config;
+    callers must not change the tree)."""
     return jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
 
 

@@ -13,13 +13,17 @@ the stacked layout).
 
 The per-layer arrays are stored output-major (``decoder.output_major``: a projection's
 [D, F] weights as [F, D]), because of how XLA:CPU multiplies few rows: its matmul of 2-16
-rows against weights that stream from memory ran at 3-6 GB/s on the 2-core machines (it
-repacks the weights), against 15-20 GB/s for one row. ``rows_dot_general`` writes such a
-product as a multiply and a sum over each output's contiguous row of weights instead, which
-reads the weights once at close to the one-row rate (BENCHMARKS.md, CPU section); one row
-and more than ``ROWS_DOT_MAX`` rows stay matmuls (on the output-major weights, which XLA
-reads in place). Each layer program turns the stored arrays back into the usual shapes
-(``decoder.input_major``, transposes that cancel against the ones here).
+rows by [D, F] weights that stream from memory ran at 3-6 GB/s on the 2-core machines,
+against 15-20 GB/s for one row. ``rows_dot_general`` multiplies the stored [F, D] weights
+(the left operand) by the rows, a product [F, rows] kept in that layout: at 2-256 rows
+the fastest of the forms measured (the weights by the rows, the rows by the weights, a
+multiply and a sum over each output's row of weights; BENCHMARKS.md, CPU section). Each
+layer program turns the stored arrays back into the usual shapes (``decoder.input_major``,
+transposes that cancel against the ones here).
+
+The decode rows attend a block of pages at a time (``attention.attend_blocks``), for as
+many blocks as the longest context fills, so one program per batch bucket takes every
+page-table width; the prefill head is the decode head's program over each prompt's last row.
 
 ``on_host`` is the one place that chooses.
 """
@@ -34,10 +38,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jdisagg.model import decoder
-
-# The most rows a projection multiplies as ``rows_dot_general``'s multiply-and-sum; measured
-# faster than XLA:CPU's matmul from 2 to 16 rows and slower at 1 and 64 (BENCHMARKS.md).
-ROWS_DOT_MAX = 16
+from jdisagg.model.config import ModelConfig
+from jdisagg.model.sampler import Sampled, SamplingArrays, sample
 
 
 def on_host(mesh: Mesh) -> bool:
@@ -61,9 +63,7 @@ def placed(sharding, *arrays) -> tuple:
 def rows_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     """``lax.dot_general`` for projections (``rhs``: weights [inputs..., outputs...] that
     ``decoder.input_major`` made of output-major arrays; no batch dimensions) that reads the
-    stored array in place: 2 to ``ROWS_DOT_MAX`` rows of ``lhs`` as a multiply and a sum over
-    each output's row of weights (see the module docstring), other row counts as a matmul
-    against the rows of weights."""
+    stored array in place, as the left operand of the matmul (see the module docstring)."""
     (lhs_in, rhs_in), batch = dimension_numbers
     n_in = len(rhs_in)
     if batch != ((), ()) or tuple(rhs_in) != tuple(range(n_in)):
@@ -74,41 +74,58 @@ def rows_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
     x_mk = jnp.moveaxis(lhs, lhs_in, range(lhs.ndim - n_in, lhs.ndim)).reshape(rows, inputs)
     # The stored output-major array (this transpose cancels input_major's): no copy.
     w_nk = jnp.transpose(rhs, (*range(n_in, rhs.ndim), *range(n_in))).reshape(-1, inputs)
-    dtype = preferred_element_type or jnp.result_type(lhs, rhs)
-    if 2 <= rows <= ROWS_DOT_MAX:
-        # Fenced, so that each product's rows are its own: XLA:CPU fuses the broadcast of
-        # the rows into the multiply and sum, but writes out a broadcast that two products
-        # share (k and v, gate and up) as an [N, M, K] array first.
-        x_mk, w_nk = jax.lax.optimization_barrier((x_mk, w_nk))
-        out_nm = jnp.sum(w_nk[:, None, :].astype(jnp.float32) * x_mk[None].astype(jnp.float32), axis=-1)
-        out_mn = out_nm.T.astype(dtype)
-    else:
-        out_mn = jax.lax.dot_general(x_mk, w_nk, (((1,), (1,)), ((), ())), precision, preferred_element_type)
+    # The weights as the matmul's left operand and the product kept [N, M] (the fence stops
+    # XLA from folding the transpose back into the dot, which makes it the slower [M, K] x
+    # [N, K] form).
+    out_nm = jax.lax.dot_general(w_nk, x_mk, (((1,), (1,)), ((), ())), precision, preferred_element_type)
+    out_mn = jax.lax.optimization_barrier(out_nm).T
     return out_mn.reshape(*rows_shape, *outputs)
 
 
 def decode_attention(preset_choice: str) -> str:
     """How the host loop's decode rows attend, for the preset's ``decode_attention``: "dot"
-    becomes "sum" (``attention.attend_by_sums``, for the same reason as ``rows_dot_general``)."""
-    return "sum" if preset_choice == "dot" else preset_choice
+    becomes "blocks" (``attention.attend_blocks``: as many blocks of pages as the longest
+    context fills, so one program takes every page-table width)."""
+    return "blocks" if preset_choice == "dot" else preset_choice
+
+
+def head(cfg: ModelConfig, head_params: dict, x_b1d, s: SamplingArrays, pos_b) -> Sampled:
+    """The host loop's head program (decode and prefill): the token after each row's last
+    hidden state ``x_b1d`` (at ``pos_b``), as a call of one step samples it (``Sampled``
+    [1, B]). ``head_params``: ``shared_head``'s."""
+    params = {**head_params, "head": decoder.input_major(head_params["head"])}
+    sampled = sample(decoder.logits(cfg, params, x_b1d[:, 0], rows_dot_general), s, pos_b + 1)
+    return jax.tree_util.tree_map(lambda a: a[None], sampled)
 
 
 def shared_layers(params: dict, mesh: Mesh) -> tuple[dict, ...]:
     """``params["layers"]`` as one output-major tree per layer (``decoder.output_major``),
     computed once per parameter tree: a colocated instance's
     prefill and decode runners share one set of per-layer arrays, on ``mesh`` (one device)."""
-    leaf = jax.tree_util.tree_leaves(params["layers"])[0]
-    cached = _LAYERS.get(id(leaf))
+    return _shared(params["layers"], lambda: _output_major_layers(params["layers"], NamedSharding(mesh, PartitionSpec())))
+
+
+def shared_head(params: dict) -> dict:
+    """What ``head`` reads: the embedding and
+    the vocabulary projection output-major (an untied model's a copy; a tied model's
+    embedding table already is), computed once per parameter tree as ``shared_layers``."""
+    return _shared(params["head"], lambda: {"embed": params["embed"], "head": jax.jit(decoder.output_major)(params["head"])})
+
+
+def _shared(tree, build):
+    """``build()``, once for as long as ``tree``'s first leaf lives."""
+    leaf = jax.tree_util.tree_leaves(tree)[0]
+    key = (id(leaf), build.__code__)
+    cached = _SHARED.get(key)
     if cached is None or cached[0]() is not leaf:
-        layers = _output_major_layers(params["layers"], NamedSharding(mesh, PartitionSpec()))
-        cached = (weakref.ref(leaf), layers)
-        _LAYERS[id(leaf)] = cached
-        for key in [k for k, (ref, _) in _LAYERS.items() if ref() is None]:
-            del _LAYERS[key]  # parameter trees that are gone
+        cached = (weakref.ref(leaf), build())
+        _SHARED[key] = cached
+        for stale in [k for k, (ref, _) in _SHARED.items() if ref() is None]:
+            del _SHARED[stale]  # parameter trees that are gone
     return cached[1]
 
 
-_LAYERS: dict[int, tuple] = {}
+_SHARED: dict[tuple, tuple] = {}
 
 
 def _output_major_layers(stacked: dict, placed: NamedSharding) -> tuple[dict, ...]:

@@ -51,7 +51,9 @@ def batch_buckets(spec: InstanceSpec) -> tuple[int, ...]:
 
 
 def width_buckets(preset: MeshPreset) -> tuple[int, ...]:
-    """``DecodeRunner.width_buckets`` (page-table widths)."""
+    """``DecodeRunner.width_buckets`` (page-table widths) of a GPU, TPU or several-device
+    instance. A one-device CPU instance runs the host loop (one width; its step reads as many
+    blocks of pages as the longest context fills), which the cost model does not tell apart."""
     most = pages_for(preset.max_seq_len, preset.page_size)
     widths, w = [], 16
     while w < most and preset.decode_attention == "dot":

@@ -164,17 +164,10 @@ def decode_layer(cfg: ModelConfig, decode_attention: str, layer, pages, x_btd, p
     return x_btd, (kv.k_pages, kv.v_pages)
 
 
-def decode_head(cfg: ModelConfig, params, x_btd, s: SamplingArrays, pos_b, dot_general=None) -> Sampled:
+def decode_head(cfg: ModelConfig, params, x_btd, s: SamplingArrays, pos_b) -> Sampled:
     """What one step samples, as a call of one step: ``Sampled`` [1, B]."""
-    sampled = sample(decoder.logits(cfg, params, x_btd[:, 0], dot_general), s, pos_b + 1)
+    sampled = sample(decoder.logits(cfg, params, x_btd[:, 0]), s, pos_b + 1)
     return jax.tree_util.tree_map(lambda a: a[None], sampled)
-
-
-def host_decode_head(cfg: ModelConfig, params, x_btd, s: SamplingArrays, pos_b) -> Sampled:
-    """``decode_head`` of the host loop: ``params`` holds the vocabulary projection
-    output-major (a tied model's embedding table already is)."""
-    params = {**params, "head": decoder.input_major(params["head"])}
-    return decode_head(cfg, params, x_btd, s, pos_b, host_loop.rows_dot_general)
 
 
 def decode_step(
@@ -230,14 +223,13 @@ class HostDecodeStep:
 
     def __init__(self, cfg: ModelConfig, params: dict, mesh: Mesh, decode_attention: str):
         self.layers = host_loop.shared_layers(params, mesh)
-        # The head's params with the vocabulary projection output-major (untied models: a copy).
-        self.head_params = {"embed": params["embed"], "head": jax.jit(decoder.output_major)(params["head"])}
+        self.head_params = host_loop.shared_head(params)
         self.replicated = NamedSharding(mesh, PartitionSpec())
         self.embed = jax.jit(functools.partial(decode_embed, cfg), compiler_options=XLA_OPTIONS)
         self.layer = jax.jit(
             functools.partial(decode_layer, cfg, decode_attention), donate_argnums=1, compiler_options=XLA_OPTIONS
         )
-        self.head = jax.jit(functools.partial(host_decode_head, cfg), compiler_options=XLA_OPTIONS)
+        self.head = jax.jit(functools.partial(host_loop.head, cfg), compiler_options=XLA_OPTIONS)
 
     def __call__(self, params, k_pages, v_pages, tokens_b, pos_b, page_table_bp, count_b, s):
         del count_b  # one step: every row takes it
@@ -332,16 +324,19 @@ class DecodeRunner:
         self.chunk_tokens = chunk_tokens  # > 0: this instance also prefills, in chunks of this size
         self.page_size, self.n_pages = page_size, n_pages
         self.max_pages_per_seq = pages_for(max_seq_len, page_size)
+        stages = mesh.shape["pp"] if rules.get(axes.LAYERS) == "pp" else 1
+        # One device on CPU: the layer loop runs from the host (jdisagg.model.host_loop).
+        self.host_loop = host_loop.on_host(mesh) and stages == 1 and micro_batches == 1 and steps == 1
         # Page-table widths: with "dot" a step gathers only as many pages per request as its
         # longest context needs, rounded up to one of these (x2 apart from 16 pages). The
         # Pallas kernel reads each request's pages up to its own length whatever the table's
-        # width, so one width does (a quarter of the programs to compile on a 2048-token preset).
+        # width, and the host loop's "blocks" as many as the longest context fills, so one
+        # width does (a quarter of the programs to compile on a 2048-token preset).
         widths, w = [], 16
-        while w < self.max_pages_per_seq and decode_attention == "dot":
+        while w < self.max_pages_per_seq and decode_attention == "dot" and not self.host_loop:
             widths.append(w)
             w *= 2
         self.width_buckets = (*widths, self.max_pages_per_seq)
-        stages = mesh.shape["pp"] if rules.get(axes.LAYERS) == "pp" else 1
         self.stages, self.micro = stages, micro_batches
         buckets = tuple(batch_buckets) or powers_of_two(max_batch)
         self.batch_buckets = tuple(sorted({-(-b // micro_batches) * micro_batches for b in buckets}))
@@ -354,8 +349,6 @@ class DecodeRunner:
         self.k_pages, self.v_pages = zeros(), zeros()
         replicated = NamedSharding(mesh, PartitionSpec())
         heads = attention.head_split(mesh, rules)  # how a kernel runs on these devices
-        # One device on CPU: the layer loop runs from the host (jdisagg.model.host_loop).
-        self.host_loop = host_loop.on_host(mesh) and stages == 1 and micro_batches == 1 and steps == 1
         if self.host_loop:
             self._step = HostDecodeStep(cfg, params, mesh, decode_attention)
         else:

@@ -72,12 +72,13 @@ def prefill_head(cfg: ModelConfig, params, x_1nd, pos_1n, last_s, s: SamplingArr
 
 class HostPrefillStep:
     """``prefill_step`` (same arguments and results) with the layer loop run from the host
-    (``jdisagg.model.host_loop``): an embed program, one program per layer, a head program."""
+    (``jdisagg.model.host_loop``): an embed program, one program per layer, and
+    ``host_loop.head`` over each prompt's last row, which the host picks out: one head
+    program for every token bucket."""
 
-    def __init__(
-        self, cfg: ModelConfig, layers: tuple[dict, ...], mesh: Mesh, kv_sharding, *, kernel: attention.HeadSplit | None
-    ):
-        self.layers = layers
+    def __init__(self, cfg: ModelConfig, params: dict, mesh: Mesh, kv_sharding, *, kernel: attention.HeadSplit | None):
+        self.layers = host_loop.shared_layers(params, mesh)
+        self.head_params = host_loop.shared_head(params)
         self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         # The row's KV where prefill_step puts it, so the prefix cuts compile once for both.
         out = (self.replicated, PromptKV(kv_sharding, kv_sharding, self.replicated, kernel))
@@ -87,23 +88,36 @@ class HostPrefillStep:
         self.layer = jax.jit(
             functools.partial(prefill_layer, cfg), donate_argnums=1, out_shardings=out, compiler_options=XLA_OPTIONS
         )
-        self.head = jax.jit(functools.partial(prefill_head, cfg), compiler_options=XLA_OPTIONS)
+        self.head = jax.jit(functools.partial(host_loop.head, cfg), compiler_options=XLA_OPTIONS)
 
     def __call__(self, params, tokens_1n, pos_1n, segment_1n, last_s, s):
-        tokens_1n, pos_1n = jax.device_put((tokens_1n, pos_1n), self.replicated)  # once, not per layer
-        x_1nd, kv = self.embed(params, tokens_1n, pos_1n, segment_1n)
-        x_1nd, kv = host_loop.run_layers(self.layer, self.layers, kv, x_1nd, pos_1n)
-        return self.head(params, x_1nd, pos_1n, last_s, s), kv.k, kv.v
+        tokens_1n, pos_1n_dev = jax.device_put((tokens_1n, pos_1n), self.replicated)  # once, not per layer
+        x_1nd, kv = self.embed(params, tokens_1n, pos_1n_dev, segment_1n)
+        x_1nd, kv = host_loop.run_layers(self.layer, self.layers, kv, x_1nd, pos_1n_dev)
+        x_s1d, pos_s = self._last_rows(x_1nd, pos_1n, last_s)
+        sampled = jax.device_get(self.head(self.head_params, x_s1d, s, pos_s))  # [1, S] on the host
+        return jax.tree_util.tree_map(lambda a: a[0], sampled), kv.k, kv.v
 
-    def programs(self, label: str, params, tokens_1n, pos_1n, segment_1n, last_s, s) -> list[Program]:
+    def _last_rows(self, x_1nd, pos_1n, last_s):
+        """Each prompt's last hidden state [S, 1, D] and position [S], picked on the host
+        (where a CPU device's arrays are): a program per token bucket otherwise."""
+        last_s = np.asarray(last_s)
+        rows = np.asarray(x_1nd)[0, last_s][:, None]
+        return jax.device_put((rows, np.asarray(pos_1n)[0, last_s]), self.replicated)
+
+    def programs(self, label: str, params, tokens_1n, pos_1n, segment_1n, last_s, s, *, head: bool) -> list[Program]:
         # Placed as ``__call__`` places them, so the calls find these programs.
         tokens_1n, pos_1n = host_loop.placed(self.replicated, tokens_1n, pos_1n)
         x_1nd, kv = self.embed.eval_shape(params, tokens_1n, pos_1n, segment_1n)
-        return [
+        out = [
             Program(f"{label} embed", self.embed, (params, tokens_1n, pos_1n, segment_1n)),
             Program(f"{label} layer", self.layer, (self.layers[0], kv, x_1nd, pos_1n, np.int32(0))),
-            Program(f"{label} head", self.head, (params, x_1nd, pos_1n, last_s, s)),
         ]
+        if head:  # the head's shapes are the same at every token bucket
+            x_s1d = jax.ShapeDtypeStruct((len(last_s), 1, x_1nd.shape[-1]), x_1nd.dtype, sharding=self.replicated)
+            pos_s = jax.ShapeDtypeStruct((len(last_s),), pos_1n.dtype, sharding=self.replicated)
+            out.append(Program("prefill head", self.head, (self.head_params, x_s1d, s, pos_s)))
+        return out
 
 
 def cut_prefix(k: jax.Array, v: jax.Array, start: jax.Array, *, length: int):
@@ -166,8 +180,7 @@ class PrefillRunner:
         # One device on CPU: the layer loop runs from the host (jdisagg.model.host_loop).
         self.host_loop = host_loop.on_host(mesh)
         if self.host_loop:
-            layers = host_loop.shared_layers(params, mesh)
-            self._step = HostPrefillStep(cfg, layers, mesh, kv_sharding, kernel=kernel)
+            self._step = HostPrefillStep(cfg, params, mesh, kv_sharding, kernel=kernel)
         else:
             self._step = jax.jit(
                 functools.partial(prefill_step, cfg, unroll=unroll, kernel=kernel),
@@ -193,31 +206,43 @@ class PrefillRunner:
         for n in self.token_buckets:
             args = (self.params, *self._inputs([[0]], [SamplingParams()], n))
             out += (
-                self._step.programs(f"prefill N={n}", *args)
+                self._step.programs(f"prefill N={n}", *args, head=n == self.token_buckets[0])
                 if self.host_loop
                 else [Program(f"prefill N={n}", self._step, args)]
             )
         return out
 
     def warm_up(self, progress=None) -> float:
-        """Compiles the step at every token bucket (what ``compile_all`` has not) and the cut of
-        every prefix bucket out of each, from the shapes alone: running the rows cost a CPU
-        start-up seconds of prefill. Returns the seconds it took."""
+        """Compiles the cut of every prefix bucket out of each token bucket's row (the steps
+        themselves are ``programs``, which ``compile_all`` compiles), from the shapes alone:
+        running the rows cost a CPU start-up seconds of prefill. Returns the seconds it took."""
         start = time.perf_counter()
         cfg = self.cfg
-        for p in self.programs():
-            p.jitted.lower(*p.args).compile()  # reuses compile_all's
         for n in self.token_buckets:
             shape = (cfg.n_layers, 1, n, cfg.n_kv_heads, cfg.head_dim)
             row = jax.ShapeDtypeStruct(shape, jnp.dtype(cfg.dtype), sharding=self.kv_sharding)
             for t in self.length_buckets:
-                if t <= n:
+                if t <= n and not self.host_loop:
                     self._cut.lower(row, row, np.int32(0), length=t).compile()
             if progress:
                 progress(f"prefill N={n}")
         seconds = time.perf_counter() - start
-        logging.info("prefill: compiled %d token buckets and their cuts in %.1fs", len(self.token_buckets), seconds)
+        logging.info("prefill: compiled the prefix cuts of %d token buckets in %.1fs", len(self.token_buckets), seconds)
         return seconds
+
+    def cut(self, k: jax.Array, v: jax.Array, start: int, length: int) -> tuple[jax.Array, jax.Array]:
+        """``cut_prefix``: a program per (token bucket, length bucket) pair, or with the host
+        loop a copy on the host (where a CPU device's arrays are), which needs none of the
+        dozens of programs (5 s of a CPU server's cold start)."""
+        if not self.host_loop:
+            return self._cut(k, v, np.int32(start), length=length)
+
+        def cut(x):
+            row = np.asarray(x)[:, 0, start : start + length]
+            pad = [(0, 0), (0, length - row.shape[1])] + [(0, 0)] * (row.ndim - 2)
+            return jax.device_put(np.pad(row, pad), self.prefix_sharding)
+
+        return cut(k), cut(v)
 
     def _inputs(self, prompts: list[list[int]], params: list[SamplingParams], tokens: int = 0):
         """The step's inputs: ``prompts`` packed into a row of a token bucket (at least
@@ -254,7 +279,7 @@ class PrefillRunner:
         prefixes, start = [], 0
         for p in prompts:
             t = bucket_for(len(p), self.length_buckets)
-            prefixes.append(self._cut(k, v, np.int32(start), length=t))
+            prefixes.append(self.cut(k, v, start, t))
             start += len(p)
         first = jax.device_get(first)
         return [
