@@ -46,7 +46,7 @@ def test_system_derives_what_the_engine_builds(mesh, monkeypatch):
         assert runner.call_tokens() == system.call_tokens(inst.spec, s.length_buckets)
     for runner, inst in zip(built.decode, s.decode, strict=True):
         assert runner.batch_buckets == inst.batch_buckets
-        assert runner.width_buckets == s.width_buckets
+        assert (runner.host_loop, runner.width_buckets) == (inst.host_loop, inst.width_buckets)
 
 
 def test_pages_come_from_the_engines_sizing_code():

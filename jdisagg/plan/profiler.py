@@ -42,7 +42,7 @@ from jdisagg.bench.micro import fill_pages
 from jdisagg.model import axes, sharding
 from jdisagg.plan import latency
 from jdisagg.plan.profile import DEFAULT_TRANSFER, Config, Profile, Serving
-from jdisagg.plan.system import batch_buckets, preset_length_buckets, width_buckets
+from jdisagg.plan.system import batch_buckets, decode_read, preset_length_buckets
 from jdisagg.preset import PIPELINE_STEPS, InstanceSpec, MeshPreset, load_preset
 from jdisagg.runtime.buckets import bucket_for
 from jdisagg.runtime.instances import decode_runner, prefill_runner
@@ -244,9 +244,9 @@ class Profiler:
             base = next((i.token_budget for i in self.preset.instances if i.runs_prefill), 2048)
             wanted = {runner.token_buckets[-1], bucket_for(min(base, self.budget), runner.token_buckets)}
             for p in runner.programs():
-                n = int(re.search(r"N=(\d+)", p.label).group(1))
-                if n in wanted:
-                    scratch[n] = p.jitted.lower(*p.args).compile().memory_analysis().temp_size_in_bytes
+                found = re.search(r"N=(\d+)", p.label)  # none: a program every bucket runs (the host loop's head)
+                for n in wanted if found is None else {int(found.group(1))} & wanted:
+                    scratch[n] = max(scratch.get(n, 0), p.compiled().memory_analysis().temp_size_in_bytes)
             del runner
         attention = s.decode_attention if tp * pp == 1 and self.platform == "gpu" else "dot"
         preset = dataclasses.replace(self.preset, decode_attention=attention)
@@ -303,24 +303,19 @@ class Profiler:
 
     def decode_points(self, runner, preset: MeshPreset) -> list:
         out = []
-        widths = width_buckets(preset)
         for b, ctx in decode_grid(runner.batch_buckets[-1], self.serving.max_seq_len, self.o.quick):
             tables = self._tables(runner, b, ctx)
             args = ([5] * b, [ctx] * b, tables, [self.sp] * b)
             seconds = self.time(lambda args=args: runner.step(*args)) / runner.steps  # per step of the call
             bb = bucket_for(b, runner.batch_buckets)
-            read = (
-                b * (ctx + 1)
-                if preset.decode_attention == "pallas"
-                else bb * bucket_for(len(tables[0]), widths) * runner.page_size
-            )
+            width = bucket_for(len(tables[0]), runner.width_buckets)
+            read = decode_read(preset, runner.host_loop, bb, width, ctx + 1, b * (ctx + 1))
             out.append((latency.decode_features(b, bb, b * (ctx + 1), read), seconds))
         return out
 
     def mixed_points(self, runner, preset: MeshPreset) -> list:
         out = []
         c = runner.chunk_tokens
-        widths = width_buckets(preset)
         batches = [b for b in (1, 16, 64, runner.batch_buckets[-1]) if b <= runner.batch_buckets[-1]]
         top = self.serving.max_seq_len - 2
         starts = sorted({0, max(0, min(1024, top - c))})
@@ -333,8 +328,8 @@ class Profiler:
                     args = ([5] * b, [ctx] * b, tables, [self.sp] * b, [3] * c, start, chunk_pages, self.sp)
                     seconds = self.time(lambda args=args: runner.mixed(*args))
                     bb = bucket_for(b, runner.batch_buckets)
-                    width = bucket_for(max(len(tables[0]), len(chunk_pages)), widths)
-                    read = b * (ctx + 1) if preset.decode_attention == "pallas" else bb * width * runner.page_size
+                    width = bucket_for(max(len(tables[0]), len(chunk_pages)), runner.width_buckets)
+                    read = decode_read(preset, False, bb, width, ctx + 1, b * (ctx + 1))  # the mixed step gathers
                     out.append((latency.decode_features(b, bb, b * (ctx + 1), read, start + c), seconds))
         return out
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from jdisagg.model import attention
 from jdisagg.plan import latency
 from jdisagg.plan.profile import Config, Profile
 from jdisagg.preset import InstanceSpec, MeshPreset
@@ -50,16 +51,32 @@ def batch_buckets(spec: InstanceSpec) -> tuple[int, ...]:
     return tuple(sorted({-(-b // m) * m for b in (spec.batch_buckets or powers_of_two(spec.max_batch))}))
 
 
-def width_buckets(preset: MeshPreset) -> tuple[int, ...]:
-    """``DecodeRunner.width_buckets`` (page-table widths) of a GPU, TPU or several-device
-    instance. A one-device CPU instance runs the host loop (one width; its step reads as many
-    blocks of pages as the longest context fills), which the cost model does not tell apart."""
+def host_loop(spec: InstanceSpec, platform: str) -> bool:
+    """``DecodeRunner.host_loop``: a one-device CPU instance of one step per call."""
+    return platform == "cpu" and len(spec.devices) == 1 and spec.micro_batches == 1 and spec.steps_per_call == 1
+
+
+def width_buckets(preset: MeshPreset, on_host: bool = False) -> tuple[int, ...]:
+    """``DecodeRunner.width_buckets`` (page-table widths); ``on_host``: ``host_loop``'s."""
     most = pages_for(preset.max_seq_len, preset.page_size)
     widths, w = [], 16
-    while w < most and preset.decode_attention == "dot":
+    while w < most and preset.decode_attention == "dot" and not on_host:
         widths.append(w)
         w *= 2
     return (*widths, most)
+
+
+def decode_read(preset: MeshPreset, on_host: bool, batch_bucket: int, width: int, longest: int, context: int) -> int:
+    """The key positions a decode step reads (``latency.decode_features``' ``read``): with
+    the kernel each row's own (``context`` in all); the host loop's blocks a block multiple
+    of the ``longest`` context per row of the batch bucket; else the table ``width`` (a
+    width bucket, in pages) per row."""
+    if preset.decode_attention == "pallas":
+        return context
+    if on_host:
+        block = attention.BLOCK_TOKENS
+        return batch_bucket * -(-longest // block) * block
+    return batch_bucket * width * preset.page_size
 
 
 # ---- instances --------------------------------------------------------------------------------
@@ -73,6 +90,8 @@ class Instance:
     config: Config | None  # None: an instant prefill instance (decode-only simulations)
     node: int
     n_pages: int = 0  # decode side
+    host_loop: bool = False  # decode side: ``DecodeRunner.host_loop``
+    width_buckets: tuple[int, ...] = ()  # decode side
     token_buckets: tuple[int, ...] = ()  # prefill side
     batch_buckets: tuple[int, ...] = ()
     prefill_index: int | None = None  # its index among the prefill / decode instances
@@ -90,7 +109,6 @@ class System:
     decode_specs: list[DecodeSpec]
     decode_takes_from: list[int | None]
     length_buckets: tuple[int, ...]
-    width_buckets: tuple[int, ...]
     gpus_per_node: int
     cross_node_bytes_s: float  # bytes/s between nodes
     instant_prefill: bool = False  # prefill calls take no time (to simulate decode alone)
@@ -119,11 +137,10 @@ class System:
         n = len(batch.requests)
         b = bucket_for(max(n, 1), inst.batch_buckets)
         context = sum(batch.positions) + n
-        if self.preset.decode_attention == "pallas":
-            read = context
-        else:
-            widest = max([chunk_pages, *map(len, batch.page_tables)] or [1])
-            read = b * bucket_for(max(widest, 1), self.width_buckets) * self.preset.page_size
+        width = bucket_for(max([chunk_pages, *map(len, batch.page_tables), 1]), inst.width_buckets)
+        longest = max(batch.positions, default=0) + 1
+        blocks = inst.host_loop and not chunk_pages  # a mixed step gathers its table, as the profiler saw
+        read = decode_read(self.preset, blocks, b, width, longest, context)
         return n, latency.decode_features(n, b, context, read, chunk_context)
 
     def host_seconds(self, tokens: int, step: bool = True) -> float:
@@ -239,6 +256,8 @@ def build(
             if spec.pages and (spec.pages * preset.page_size * kv + (reserved if spec.runs_prefill else 0)) > free:
                 raise DoesNotFit(f"{spec.where}: pages={spec.pages} do not fit beside the weights")
             inst.n_pages, inst.batch_buckets = n_pages, batch_buckets(spec)
+            inst.host_loop = host_loop(spec, profile.platform)
+            inst.width_buckets = width_buckets(preset, inst.host_loop)
             inst.decode_index = len(decode_specs)
             own = inst.prefill_index if spec.runs_prefill else None
             decode_specs.append(
@@ -254,7 +273,6 @@ def build(
         decode_specs,
         takes_from,
         buckets,
-        width_buckets(preset),
         gpus_per_node,
         cross_node_gbps * 1e9 / 8,
         instant_prefill,

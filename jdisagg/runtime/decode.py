@@ -50,7 +50,7 @@ from jdisagg.model.config import ModelConfig
 from jdisagg.model.decoder import forward_layers
 from jdisagg.model.sampler import Sampled, SamplingArrays, sample
 from jdisagg.runtime.buckets import bucket_for, powers_of_two
-from jdisagg.runtime.compile import XLA_OPTIONS, Program
+from jdisagg.runtime.compile import XLA_OPTIONS, Jitted, Program
 from jdisagg.sched.pages import pages_for
 from jdisagg.sched.params import SamplingParams
 
@@ -225,11 +225,11 @@ class HostDecodeStep:
         self.layers = host_loop.shared_layers(params, mesh)
         self.head_params = host_loop.shared_head(params)
         self.replicated = NamedSharding(mesh, PartitionSpec())
-        self.embed = jax.jit(functools.partial(decode_embed, cfg), compiler_options=XLA_OPTIONS)
-        self.layer = jax.jit(
+        self.embed = Jitted(functools.partial(decode_embed, cfg), compiler_options=XLA_OPTIONS)
+        self.layer = Jitted(
             functools.partial(decode_layer, cfg, decode_attention), donate_argnums=1, compiler_options=XLA_OPTIONS
         )
-        self.head = jax.jit(functools.partial(host_loop.head, cfg), compiler_options=XLA_OPTIONS)
+        self.head = Jitted(functools.partial(host_loop.head, cfg), compiler_options=XLA_OPTIONS)
 
     def __call__(self, params, k_pages, v_pages, tokens_b, pos_b, page_table_bp, count_b, s):
         del count_b  # one step: every row takes it
@@ -245,7 +245,7 @@ class HostDecodeStep:
         """The layer program (and with ``head`` the embed and head programs) at these shapes,
         the inputs placed as ``__call__`` places them (so its calls find these programs)."""
         tokens_b, pos_b, page_table_bp = host_loop.placed(self.replicated, tokens_b, pos_b, page_table_bp)
-        x_btd = jax.eval_shape(self.embed, params, tokens_b, pos_b)
+        x_btd = self.embed.eval_shape(params, tokens_b, pos_b)
         x_btd = jax.ShapeDtypeStruct(x_btd.shape, x_btd.dtype, sharding=self.replicated)
         layer_args = (self.layers[0], (k_pages, v_pages), x_btd, pos_b, page_table_bp, np.int32(0))
         out = [Program(f"{label} layer", self.layer, layer_args)]
@@ -352,7 +352,7 @@ class DecodeRunner:
         if self.host_loop:
             self._step = HostDecodeStep(cfg, params, mesh, decode_attention)
         else:
-            self._step = jax.jit(
+            self._step = Jitted(
                 functools.partial(
                     decode_step,
                     cfg,
@@ -369,7 +369,7 @@ class DecodeRunner:
                 compiler_options=XLA_OPTIONS,
             )
         self._insert = jax.jit(insert_prefix, donate_argnums=(0, 1), out_shardings=(self.pages_sharding,) * 2)
-        self._mixed = jax.jit(
+        self._mixed = Jitted(
             functools.partial(mixed_step, cfg, unroll=unroll, decode_attention=decode_attention, heads=heads),
             donate_argnums=(1, 2),
             out_shardings=(replicated, self.pages_sharding, self.pages_sharding),

@@ -47,7 +47,7 @@ def prefill_reserve(cfg, spec: InstanceSpec, runner) -> int:
     from the compiled memory analysis (the compiles are the ones warm-up would do)."""
     programs = runner.programs()
     compile_all(programs)  # as warm-up would (in threads where that helps); the analysis below reuses them
-    scratch = max(p.jitted.lower(*p.args).compile().memory_analysis().temp_size_in_bytes for p in programs)
+    scratch = max(p.compiled().memory_analysis().temp_size_in_bytes for p in programs)
     return prefill_reserve_bytes(cfg, spec, runner.token_buckets, runner.call_tokens(), scratch)
 
 

@@ -26,7 +26,7 @@ from jdisagg.model.config import ModelConfig
 from jdisagg.model.decoder import forward_layers
 from jdisagg.model.sampler import SamplingArrays, sample
 from jdisagg.runtime.buckets import bucket_for, token_buckets
-from jdisagg.runtime.compile import XLA_OPTIONS, Program
+from jdisagg.runtime.compile import XLA_OPTIONS, Jitted, Program
 from jdisagg.sched.params import Logprob, SamplingParams
 
 
@@ -82,13 +82,13 @@ class HostPrefillStep:
         self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         # The row's KV where prefill_step puts it, so the prefix cuts compile once for both.
         out = (self.replicated, PromptKV(kv_sharding, kv_sharding, self.replicated, kernel))
-        self.embed = jax.jit(
+        self.embed = Jitted(
             functools.partial(prefill_embed, cfg, kernel=kernel), out_shardings=out, compiler_options=XLA_OPTIONS
         )
-        self.layer = jax.jit(
+        self.layer = Jitted(
             functools.partial(prefill_layer, cfg), donate_argnums=1, out_shardings=out, compiler_options=XLA_OPTIONS
         )
-        self.head = jax.jit(functools.partial(host_loop.head, cfg), compiler_options=XLA_OPTIONS)
+        self.head = Jitted(functools.partial(host_loop.head, cfg), compiler_options=XLA_OPTIONS)
 
     def __call__(self, params, tokens_1n, pos_1n, segment_1n, last_s, s):
         tokens_1n, pos_1n_dev = jax.device_put((tokens_1n, pos_1n), self.replicated)  # once, not per layer
@@ -182,7 +182,7 @@ class PrefillRunner:
         if self.host_loop:
             self._step = HostPrefillStep(cfg, params, mesh, kv_sharding, kernel=kernel)
         else:
-            self._step = jax.jit(
+            self._step = Jitted(
                 functools.partial(prefill_step, cfg, unroll=unroll, kernel=kernel),
                 out_shardings=(replicated, kv_sharding, kv_sharding),
                 compiler_options=XLA_OPTIONS,
