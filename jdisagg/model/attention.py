@@ -232,7 +232,8 @@ class PagedKV:
     v_pages: jax.Array  # [L, P, Z, K, H]
     page_table: jax.Array  # [B, P_max] int32; NULL_PAGE where unused
     # How rows of one token (decode) attend over their pages: "dot" (``attend``: gather,
-    # then matmuls), "blocks" (``attend_blocks``: the CPU host loop's form of "dot") or "pallas" (a kernel: ``paged_kernel`` reads the pages in place; on TPUs
+    # then matmuls), "blocks" (``attend_blocks``: the CPU host loop's form of "dot") or
+    # "pallas" (a kernel: ``paged_kernel`` reads the pages in place; on TPUs
     # ``tpu_attention``, for head dims it takes). Rows of several tokens use "dot".
     decode_attention: str = struct.field(pytree_node=False, default="dot")
     # How the kernel runs on the instance's devices (``head_split``; None: it cannot).

@@ -102,14 +102,19 @@ def shared_layers(params: dict, mesh: Mesh) -> tuple[dict, ...]:
     """``params["layers"]`` as one output-major tree per layer (``decoder.output_major``),
     computed once per parameter tree: a colocated instance's
     prefill and decode runners share one set of per-layer arrays, on ``mesh`` (one device)."""
-    return _shared(params["layers"], lambda: _output_major_layers(params["layers"], NamedSharding(mesh, PartitionSpec())))
+    placed = NamedSharding(mesh, PartitionSpec())
+    return _shared(params["layers"], lambda: _output_major_layers(params["layers"], placed))
 
 
 def shared_head(params: dict) -> dict:
     """What ``head`` reads: the embedding and
     the vocabulary projection output-major (an untied model's a copy; a tied model's
     embedding table already is), computed once per parameter tree as ``shared_layers``."""
-    return _shared(params["head"], lambda: {"embed": params["embed"], "head": jax.jit(decoder.output_major)(params["head"])})
+
+    def build():
+        return {"embed": params["embed"], "head": jax.jit(decoder.output_major)(params["head"])}
+
+    return _shared(params["head"], build)
 
 
 def _shared(tree, build):

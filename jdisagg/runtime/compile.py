@@ -135,9 +135,12 @@ def compile_all(programs: list[Program], done: Callable[[str], None] | None = No
 
 
 # An executable that JAX read from its persistent cache cannot be written again (on CPU
-# the copy lacks the compiled code: calling it fails), so a program JAX's cache holds is
-# compiled once more with this no-op option, which gives it another cache key.
-_FRESH_OPTION = ("xla_embed_ir_in_executable", False)
+# the copy lacks the compiled code: calling it fails), so a program JAX's cache holds (after
+# an upgrade of this package, whose store entries are then gone) is compiled once more with
+# an option of another platform's compiler, which this platform's ignores but which is part
+# of JAX's cache key: set to a number of its own each time, the compile is XLA's. JAX's cache
+# keeps that copy too, never read again.
+_FRESH_OPTIONS = {"cpu": "xla_gpu_autotune_level"}  # elsewhere: a CPU code generation option
 _cache_hits = threading.local()
 
 
@@ -154,7 +157,9 @@ def _compile(p: Program):
     _cache_hits.count = 0
     compiled = lowered.compile()
     if _cache_hits.count:
-        options = {**p.jitted.options.get("compiler_options", {}), _FRESH_OPTION[0]: _FRESH_OPTION[1]}
+        name = _FRESH_OPTIONS.get(jax.default_backend(), "xla_cpu_parallel_codegen_split_count")
+        fresh = {name: 1_000 + int.from_bytes(os.urandom(3), "little")}
+        options = {**p.jitted.options.get("compiler_options", {}), **fresh}
         _cache_hits.count = 0
         compiled = lowered.compile(compiler_options=options)
     return compiled, _cache_hits.count == 0
@@ -186,7 +191,10 @@ class ProgramStore:
         if fn is None:
             return None
         leaves, tree = jax.tree_util.tree_flatten(p.args)
-        args = [(getattr(a, "shape", ()), str(getattr(a, "dtype", type(a))), repr(getattr(a, "sharding", None))) for a in leaves]
+        args = [
+            (getattr(a, "shape", ()), str(getattr(a, "dtype", type(a))), repr(getattr(a, "sharding", None)))
+            for a in leaves
+        ]
         options = sorted(p.jitted.options.items())
         devices = _device_ids((leaves, p.jitted.fn, options))
         text = repr((_environment(), fn, options, repr(tree), args, devices, settings))
@@ -279,7 +287,8 @@ def _settings() -> str:
             if attr.isupper() and _plain(value):
                 out.append(f"{name}.{attr}={value!r}")
             elif callable(value) and not isinstance(value, type):
-                out.append(f"{name}.{attr}:{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value))}")
+                what = f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value))}"
+                out.append(f"{name}.{attr}:{what}")
     return "\n".join(out)
 
 
