@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import weakref
 from pathlib import Path
 
 import jax
@@ -132,12 +133,24 @@ class LoadedModel:
     cfg: ModelConfig
     tokenizer: object  # jdisagg.tokenizer.Tokenizer, or None for random models
     _host_params: dict | None = None
+    _random: tuple | None = None  # random weights placed before: (tree structure, weak refs to the leaves)
 
     def place(self, shardings: dict) -> dict:
-        """The weights on the devices of ``shardings`` (a NamedSharding per leaf)."""
+        """The weights on the devices of ``shardings`` (a NamedSharding per leaf). Random
+        weights are drawn on the first instance's devices and copied from there to the next
+        instance's while that copy lives: one program to compile (drawing them compiles a
+        random-number program per leaf, seconds even for a tiny model, for every layout)."""
         if self.card.kind == "random":
+            if self._random is not None:
+                treedef, refs = self._random
+                leaves = [r() for r in refs]
+                if all(leaf is not None for leaf in leaves):
+                    return jax.device_put(jax.tree_util.tree_unflatten(treedef, leaves), shardings)
             init = jax.jit(functools.partial(decoder.init_params, self.cfg), out_shardings=shardings)
-            return init(jax.random.key(self.card.seed))
+            params = init(jax.random.key(self.card.seed))
+            leaves, treedef = jax.tree_util.tree_flatten(params)
+            self._random = treedef, [weakref.ref(leaf) for leaf in leaves]
+            return params
         if self.card.kind == "orbax":
             from jdisagg.weights.checkpoint import restore_checkpoint
 

@@ -459,10 +459,38 @@ def test_micro_is_dispatched():
     assert proc.returncode == 2 and "jdisagg.bench.micro: error: unexpected arguments" in proc.stderr
 
 
+# Presets cut to the requests these runs send (a 64-token context): the same layouts with a
+# few program shapes, so the servers' warm-ups compile a fraction of the full presets'.
+_SMALL_TP2_PP2 = """name = "small-tp2-pp2"
+page_size = 16
+max_seq_len = 64
+[[prefill]]
+devices = [0, 1]
+tp = 2
+max_batch = 4
+token_budget = 64
+[[decode]]
+devices = [2, 3]
+pp = 2
+max_batch = 4
+pages = 32
+"""
+_SMALL_SINGLE = """name = "small-single"
+page_size = 16
+max_seq_len = 64
+[[colocated]]
+devices = [0]
+max_batch = 4
+token_budget = 64
+pages = 32
+"""
+
+
 def test_short_real_run_and_plots(tmp_path):
-    out, plots_dir = tmp_path / "r.json", tmp_path / "plots"
+    out, plots_dir, mesh = tmp_path / "r.json", tmp_path / "plots", tmp_path / "small-tp2-pp2.toml"
+    mesh.write_text(_SMALL_TP2_PP2)
     proc = _bench(
-        "run", "--model", "tiny-llama", "--mesh", "cpu-tp2-pp2", "--workload", "fixed",
+        "run", "--model", "tiny-llama", "--mesh", str(mesh), "--workload", "fixed",
         "--input_len", "16", "--output_len", "8", "--rates", "20,40", "--num_requests", "12",
         "--slo_ttft", "10", "--slo_tpot", "10", "--label", "disagg", "--out", str(out),
         "--plots_dir", str(plots_dir), "--noprogress",
@@ -489,9 +517,10 @@ def test_short_real_run_and_plots(tmp_path):
 
 
 def test_sweep_runs_lowest_rate_first_and_stops_below(tmp_path):
-    out = tmp_path / "r.json"
+    out, mesh = tmp_path / "r.json", tmp_path / "small-single.toml"
+    mesh.write_text(_SMALL_SINGLE)
     proc = _bench(
-        "run", "--model", "tiny-llama", "--mesh", "cpu-single", "--workload", "fixed",
+        "run", "--model", "tiny-llama", "--mesh", str(mesh), "--workload", "fixed",
         "--input_len", "8", "--output_len", "4", "--rates", "40,20,80", "--num_requests", "4",
         "--slo_ttft", "1e-6", "--slo_tpot", "10", "--stop_below", "0.5", "--out", str(out), "--noprogress",
     )  # fmt: skip
