@@ -61,3 +61,46 @@ def test_unknown_random_shape(tmp_path):
     card.write_text('[source]\nkind = "random"\nshape = "gpt-9"\n')
     with pytest.raises(ValueError, match="unknown model shape 'gpt-9'"):
         cards.open_model(cards.load_card(str(card)))
+
+
+def test_random_weights_are_drawn_once_and_copied_to_each_layout(caplog):
+    """A random card's second placement (another instance's layout) copies the first one's
+    weights while they live, compiling nothing; once they are gone it draws them again. Every
+    placement holds the same values, laid out as asked."""
+    import gc
+
+    import jax
+    import numpy as np
+
+    from jdisagg.model import decoder, sharding
+
+    loaded = cards.open_model(cards.load_card("tiny-llama"))
+    abstract = decoder.abstract_params(loaded.cfg)
+    devices = jax.devices()
+
+    def shardings(devs, pp, tp):
+        return sharding.param_shardings(abstract, sharding.make_mesh(devs, pp, tp), {})
+
+    def compiles(place):
+        caplog.clear()
+        with jax.log_compiles(True), caplog.at_level("WARNING"):
+            params = place()
+        names = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling")]
+        return params, [n for n in names if "init_params" in n]
+
+    first, drawn = compiles(lambda: loaded.place(shardings(devices[:2], 1, 2)))
+    second, copied = compiles(lambda: loaded.place(shardings(devices[2:6], 2, 2)))
+    assert drawn and not copied
+    want = [np.asarray(a) for a in jax.tree_util.tree_leaves(first)]
+    for placed, shard in zip(
+        jax.tree_util.tree_leaves(second), jax.tree_util.tree_leaves(shardings(devices[2:6], 2, 2)), strict=True
+    ):
+        assert placed.sharding == shard
+    for got, expected in zip(jax.tree_util.tree_leaves(second), want, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), expected)
+    del first, second
+    gc.collect()
+    third, redrawn = compiles(lambda: loaded.place(shardings(devices[6:7], 1, 1)))
+    assert redrawn
+    for got, expected in zip(jax.tree_util.tree_leaves(third), want, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), expected)
