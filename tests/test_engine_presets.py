@@ -16,15 +16,16 @@ def _mesh_text(mesh: str) -> str:
     return (Path(__file__).resolve().parent.parent / "meshes" / f"{mesh}.toml").read_text()
 
 
-def _cut_preset(tmp_path, mesh: str, max_seq_len: int) -> str:
+def _cut_preset(tmp_path, mesh: str, max_seq_len: int, last_table: str = "") -> str:
     """Preset ``mesh`` with its context cut to ``max_seq_len`` (as long as these tests'
-    requests need: fewer length and page-table width buckets to compile), written to a file."""
+    requests need: fewer length and page-table width buckets to compile) and ``last_table``
+    added to its last instance's table, written to a file."""
     text = _mesh_text(mesh)
     lines = text.splitlines()
     lines = [f"max_seq_len = {max_seq_len}" if line.startswith("max_seq_len = ") else line for line in lines]
     assert lines != text.splitlines()
     path = tmp_path / f"{mesh}-{max_seq_len}.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join([*lines, last_table]) + "\n")
     return str(path)
 
 
@@ -48,7 +49,9 @@ def test_chunked_prefill_matches(tmp_path, model_name):
     prompts = _prompts(seed=4, lengths=(5, 17, 70, 9, 33, 1, 64))
     params = SamplingParams(max_tokens=10, ignore_eos=True, logprobs=1)
     reference = Engine(model_name, "cpu-single", warm_up=False, progress=False).generate(prompts, params)
-    engine = Engine(model_name, _cut_preset(tmp_path, "cpu-chunked", 128), warm_up=False, progress=False)
+    engine = Engine(
+        model_name, _cut_preset(tmp_path, "cpu-chunked", 128, "batch_buckets = [8]"), warm_up=False, progress=False
+    )
     assert engine.preset.colocated and not engine.prefill
     results = engine.generate(prompts, params)
     assert [c.tokens for c in results] == [c.tokens for c in reference]
@@ -108,6 +111,7 @@ token_budget = 256
 [[decode]]
 devices = [1]
 max_batch = 8
+batch_buckets = [8]
 pages = 64
 """
 _CHUNKED_ONE = """page_size = 16
@@ -116,6 +120,7 @@ max_seq_len = 128
 devices = [0]
 max_batch = 8
 pages = 64
+batch_buckets = [8]
 chunk_tokens = 32
 """
 
